@@ -1,0 +1,71 @@
+# Declarations of the compiled hot path (see _core.pyx and docs/ARCHITECTURE.md).
+
+cdef enum ConnState:
+    S_HTTP = 0       # reading HTTP/1.1 requests (API, health, upgrade)
+    S_WS = 1         # open WebSocket
+    S_CLOSING = 2    # close frame sent, waiting for the peer's
+    S_CLOSED = 3     # transport gone
+    S_DRAIN = 4      # HTTP answer sent with Connection: close, waiting for the peer's FIN
+
+
+cdef class Request:
+    cdef public str method
+    cdef public str path
+    cdef public str query
+    cdef public dict headers
+    cdef public bytes body
+    cdef public bint keep_alive
+    cdef public double received_at
+
+
+cdef class Conn:
+    # transport and I/O state
+    cdef object transport
+    cdef int fd
+    cdef public int state
+    cdef object inbuf            # bytearray of unparsed input, or None
+    cdef object pend             # the single pending outbound frame (bytes), or None
+    cdef char* obuf              # pending outbound bytes once more than one frame is queued
+    cdef Py_ssize_t olen
+    cdef Py_ssize_t ocap
+    cdef bint queued             # in the dirty list for this loop iteration
+    cdef bint blocked            # the transport holds unsent bytes (paused)
+    cdef bint held               # an HTTP answer is being prepared asynchronously
+    cdef bint ping_sent
+    cdef bint req_started        # part of an HTTP request is buffered (slowloris clock runs)
+    cdef public double last_seen
+    cdef double since            # start of the current state (handshake, closing, ping)
+    cdef object frag             # bytearray of a fragmented message being assembled
+    cdef Conn prev
+    cdef Conn next
+
+    # Pusher state, owned by fastrelay/protocol.py
+    cdef public object socket_id
+    cdef public object app
+    cdef public object channels   # list of Channel, or None
+    cdef public object user_id
+    cdef public object user       # signed-in user's parsed user_data, or None
+    cdef public object extra      # rarely used per-connection state (dict), or None
+    cdef public double ev_window
+    cdef public int ev_count
+
+    cdef int _queue(self, bytes frame) except -1
+    cdef int _flush(self) except -1
+    cdef int _send_now(self, bytes data) except -1
+    cdef int _parse_http(self) except -1
+    cdef int _http_error(self, int status, str message) except -1
+    cdef int _process_ws_buffer(self) except -1
+    cdef Py_ssize_t _parse_ws(self, const unsigned char* buf, Py_ssize_t n) except -1
+    cdef int _control(self, int opcode, bytes payload) except -1
+    cdef int _fail(self, int code, str reason) except -1
+
+
+cdef class Channel:
+    cdef public object app_id
+    cdef public str name
+    cdef public dict members      # Conn -> presence user id (or None)
+    cdef public object roster     # presence: user id -> [connections, user_info]; else None
+    cdef public object cache      # cache channels: (frame bytes, expires_at), or None
+    cdef public int kind
+
+    cpdef int fanout(self, bytes frame, Conn exclude=*) except -1

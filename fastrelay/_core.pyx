@@ -1,0 +1,943 @@
+# cython: language_level=3
+"""The compiled hot path: HTTP/1.1 and WebSocket framing, the per-socket write path,
+the channel table's fan-out, signature checks and the connection sweep.
+
+Python code (fastrelay/node.py, protocol.py, http_api.py) decides *what* to do; this module
+does the per-byte and per-delivery work. Invariants kept here:
+- a delivery allocates no Python object: a channel's frame is encoded once, and each
+  subscriber gets a reference to it (or a memcpy into its C buffer when batching);
+- writes are coalesced per socket per loop iteration, then sent with one send(2), falling
+  back to the transport only when the kernel buffer is full;
+- idle connections hold no buffers (input and output buffers exist only while used).
+"""
+
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_Next
+from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memchr, memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+import base64
+import hashlib
+import hmac as _hmac
+
+cdef extern from "sys/socket.h" nogil:
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    int MSG_NOSIGNAL
+    int MSG_DONTWAIT
+    int setsockopt(int fd, int level, int name, const void* val, unsigned int vlen)
+
+cdef extern from "netinet/in.h":
+    int IPPROTO_TCP
+
+cdef extern from "netinet/tcp.h":
+    int TCP_NODELAY
+
+cdef extern from "string.h" nogil:
+    void* memmem(const void* h, size_t hl, const void* n, size_t nl)
+
+
+# ---------------------------------------------------------------- limits and clocks
+
+cdef Py_ssize_t MAX_HEADER = 16384        # request line + headers
+cdef Py_ssize_t MAX_BODY = 1048576        # HTTP body
+cdef Py_ssize_t MAX_FRAME = 262144        # one WebSocket message (after reassembly)
+cdef Py_ssize_t MAX_OUTBOUND = 1048576    # unsent bytes per socket before it is cut off
+
+cdef object _handler = None               # the worker's Node: on_request/on_message/on_close
+cdef object _loop = None
+cdef object _call_soon = None
+
+
+def configure(handler, loop, *, max_header=16384, max_body=1048576, max_frame=262144,
+              max_outbound=1048576):
+    """Binds the core to this worker's Node and event loop and sets its size limits."""
+    global _handler, _loop, _call_soon, MAX_HEADER, MAX_BODY, MAX_FRAME, MAX_OUTBOUND
+    _handler = handler
+    _loop = loop
+    _call_soon = loop.call_soon
+    MAX_HEADER = max_header
+    MAX_BODY = max_body
+    MAX_FRAME = max_frame
+    MAX_OUTBOUND = max_outbound
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+def monotonic():
+    """The clock that last_seen and the sweep use."""
+    return _now()
+
+
+# ---------------------------------------------------------------- the connection list
+
+cdef Conn _head = None      # every live connection, for the sweep and shutdown
+cdef Py_ssize_t _count = 0
+cdef Py_ssize_t _ws_count = 0
+
+
+cdef inline void _link(Conn c):
+    global _head, _count
+    c.next = _head
+    if _head is not None:
+        _head.prev = c
+    _head = c
+    _count += 1
+
+
+cdef inline void _unlink(Conn c):
+    global _head, _count
+    if c.prev is not None:
+        c.prev.next = c.next
+    elif _head is c:
+        _head = c.next
+    else:
+        return  # not linked
+    if c.next is not None:
+        c.next.prev = c.prev
+    c.prev = None
+    c.next = None
+    _count -= 1
+
+
+def connection_count():
+    return _count
+
+
+def websocket_count():
+    return _ws_count
+
+
+def connections():
+    """A snapshot list of live connections (shutdown, admin); not for the hot path."""
+    out = []
+    cdef Conn c = _head
+    while c is not None:
+        out.append(c)
+        c = c.next
+    return out
+
+
+# ---------------------------------------------------------------- the write path
+
+cdef PyObject** _dirty = NULL     # connections with queued output this iteration
+cdef Py_ssize_t _ndirty = 0
+cdef Py_ssize_t _dirty_cap = 0
+cdef bint _flush_scheduled = False
+
+
+cdef int _mark_dirty(Conn c) except -1:
+    global _dirty, _ndirty, _dirty_cap, _flush_scheduled
+    cdef PyObject** grown
+    if _ndirty == _dirty_cap:
+        _dirty_cap = _dirty_cap * 2 if _dirty_cap else 1024
+        grown = <PyObject**>realloc(_dirty, _dirty_cap * sizeof(PyObject*))
+        if grown == NULL:
+            raise MemoryError()
+        _dirty = grown
+    Py_INCREF(c)
+    _dirty[_ndirty] = <PyObject*>c
+    _ndirty += 1
+    c.queued = True
+    if not _flush_scheduled:
+        _flush_scheduled = True
+        _call_soon(flush_all)
+    return 0
+
+
+def flush_all():
+    """Sends what each socket was given this loop iteration, one send(2) per socket."""
+    global _ndirty, _flush_scheduled
+    cdef Py_ssize_t i = 0
+    cdef Conn c
+    _flush_scheduled = False
+    # flushing may queue more (a close frame): walk until the list stays empty
+    while i < _ndirty:
+        c = <Conn>_dirty[i]
+        c.queued = False
+        try:
+            c._flush()
+        except Exception:
+            pass  # a dead socket; connection_lost cleans up
+        Py_DECREF(c)
+        _dirty[i] = NULL
+        i += 1
+    _ndirty = 0
+
+
+cdef int _raw_send(Conn c, const char* data, Py_ssize_t n) except -1:
+    """Writes directly to the socket when the transport holds nothing; hands it the rest."""
+    cdef ssize_t rc = 0
+    if c.state == S_CLOSED or n == 0:
+        return 0
+    if c.fd >= 0 and not c.blocked:
+        while True:
+            rc = send(c.fd, data, n, MSG_NOSIGNAL | MSG_DONTWAIT)
+            if rc < 0 and errno == EINTR:
+                continue
+            break
+        if rc == n:
+            return 0
+        if rc < 0:
+            if errno != EAGAIN:  # EWOULDBLOCK is EAGAIN on Linux
+                c.transport.abort()
+                return 0
+            rc = 0
+    # the kernel buffer is full (or this is TLS): the transport queues and drains it
+    c.transport.write(PyBytes_FromStringAndSize(data + rc, n - rc))
+    if c.blocked and c.transport.get_write_buffer_size() > MAX_OUTBOUND:
+        c.blocked = False
+        _slow_consumer(c)
+    return 0
+
+
+cdef void _slow_consumer(Conn c) noexcept:
+    try:
+        _handler.on_slow_consumer(c)
+    except Exception:
+        pass
+
+
+# ---------------------------------------------------------------- WebSocket encoding
+
+cdef inline Py_ssize_t _hdr_len(Py_ssize_t n) noexcept nogil:
+    if n < 126:
+        return 2
+    if n < 65536:
+        return 4
+    return 10
+
+
+cdef inline void _put_hdr(unsigned char* p, int opcode, Py_ssize_t n) noexcept nogil:
+    cdef int k
+    p[0] = 0x80 | opcode
+    if n < 126:
+        p[1] = <unsigned char>n
+    elif n < 65536:
+        p[1] = 126
+        p[2] = (n >> 8) & 0xFF
+        p[3] = n & 0xFF
+    else:
+        p[1] = 127
+        for k in range(8):
+            p[2 + k] = (<uint64_t>n >> (56 - 8 * k)) & 0xFF
+
+
+cpdef bytes encode_frame(object payload, int opcode=1):
+    """One unmasked server frame (text by default) around payload (bytes or str)."""
+    cdef bytes data = payload.encode() if isinstance(payload, str) else payload
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t h = _hdr_len(n)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, h + n)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
+    _put_hdr(p, opcode, n)
+    memcpy(p + h, PyBytes_AS_STRING(data), n)
+    return out
+
+
+cpdef bytes encode_close(int code, str reason=""):
+    cdef bytes r = reason.encode()[:120]
+    return encode_frame(bytes([(code >> 8) & 0xFF, code & 0xFF]) + r, 8)
+
+
+cdef bytes _PING = encode_frame(b'{"event":"pusher:ping","data":"{}"}')
+
+
+# ---------------------------------------------------------------- HTTP answers
+
+cdef dict _REASONS = {
+    100: "Continue", 101: "Switching Protocols", 200: "OK", 202: "Accepted",
+    204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+    409: "Conflict", 411: "Length Required", 413: "Payload Too Large",
+    415: "Unsupported Media Type", 422: "Unprocessable Content",
+    426: "Upgrade Required", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
+}
+
+cdef bytes _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+# ---------------------------------------------------------------- the protocol
+
+cdef class Request:
+    """One parsed HTTP/1.1 request. `path` and `query` are raw (signatures cover them as sent)."""
+
+    def header(self, str name, default=None):
+        return self.headers.get(name, default)
+
+    def __repr__(self):
+        return f"<Request {self.method} {self.path}>"
+
+
+cdef class Conn:
+    """An asyncio protocol for one TCP connection: HTTP first, then maybe a WebSocket."""
+
+    def __cinit__(self):
+        self.fd = -1
+        self.state = S_HTTP
+        self.obuf = NULL
+
+    def __dealloc__(self):
+        if self.obuf != NULL:
+            free(self.obuf)
+            self.obuf = NULL
+
+    # ---- asyncio protocol callbacks
+
+    def connection_made(self, transport):
+        cdef int one = 1
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if transport.get_extra_info("sslcontext") is None and sock is not None:
+            self.fd = sock.fileno()
+            setsockopt(self.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        # pause_writing/resume_writing then say exactly whether the transport holds bytes
+        transport.set_write_buffer_limits(high=0)
+        self.last_seen = self.since = _now()
+        _link(self)
+
+    def connection_lost(self, exc):
+        global _ws_count
+        was_ws = self.state == S_WS or self.state == S_CLOSING
+        if was_ws:
+            _ws_count -= 1
+        self.state = S_CLOSED
+        self.fd = -1
+        self.pend = None
+        self.inbuf = None
+        self.frag = None
+        self.olen = 0
+        if self.obuf != NULL:
+            free(self.obuf)
+            self.obuf = NULL
+            self.ocap = 0
+        _unlink(self)
+        try:
+            if was_ws:
+                _handler.on_close(self)
+        finally:
+            self.transport = None
+
+    def pause_writing(self):
+        self.blocked = True
+
+    def resume_writing(self):
+        self.blocked = False
+
+    def eof_received(self):
+        return False  # close our side too
+
+    def data_received(self, bytes data):
+        cdef Py_ssize_t n, used
+        self.last_seen = _now()
+        self.ping_sent = False
+        if self.state == S_WS and self.inbuf is None:
+            # the common case: whole frames in one read, parsed straight from the bytes
+            n = PyBytes_GET_SIZE(data)
+            used = self._parse_ws(<const unsigned char*>PyBytes_AS_STRING(data), n)
+            if used < n and self.state == S_WS:
+                self.inbuf = bytearray(data[used:])
+            return
+        if self.state == S_CLOSED or self.state == S_DRAIN:
+            return
+        if self.inbuf is None:
+            self.inbuf = bytearray(data)
+        else:
+            self.inbuf += data
+        self._process()
+
+    cdef int _process_ws_buffer(self) except -1:
+        cdef bytearray buf = self.inbuf
+        cdef Py_ssize_t used = self._parse_ws(
+            <const unsigned char*>PyByteArray_AS_STRING(buf), PyByteArray_GET_SIZE(buf))
+        if self.state != S_WS:
+            self.inbuf = None
+        elif used == PyByteArray_GET_SIZE(buf):
+            self.inbuf = None
+        elif used:
+            del buf[:used]
+        return 0
+
+    def _process(self):
+        if self.state == S_HTTP:
+            self._parse_http()
+        if (self.state == S_WS or self.state == S_CLOSING) and self.inbuf is not None:
+            self._process_ws_buffer()
+
+    # ---- HTTP/1.1
+
+    cdef int _parse_http(self) except -1:
+        cdef bytearray buf
+        cdef const char* p
+        cdef const char* end
+        cdef const char* hend
+        cdef Py_ssize_t n, hlen, clen, total
+        cdef Request req
+        while self.state == S_HTTP and not self.held and self.inbuf is not None:
+            buf = self.inbuf
+            n = PyByteArray_GET_SIZE(buf)
+            if n == 0:
+                self.inbuf = None
+                self.req_started = False
+                return 0
+            if not self.req_started:
+                self.req_started = True
+                self.since = _now()
+            p = PyByteArray_AS_STRING(buf)
+            hend = <const char*>memmem(p, n, b"\r\n\r\n", 4)
+            if hend == NULL:
+                if n > MAX_HEADER:
+                    self._http_error(431, "request line and headers exceed the limit")
+                return 0
+            hlen = hend - p + 4
+            if hlen > MAX_HEADER:
+                self._http_error(431, "request line and headers exceed the limit")
+                return 0
+            req = _parse_head(p, hlen)
+            if req is None:
+                self._http_error(400, "malformed HTTP request")
+                return 0
+            if "transfer-encoding" in req.headers:
+                self._http_error(411, "chunked bodies are not supported; send Content-Length")
+                return 0
+            cl = req.headers.get("content-length")
+            clen = 0
+            if cl is not None:
+                if not cl.isdigit() or len(cl) > 12:
+                    self._http_error(400, "invalid Content-Length")
+                    return 0
+                clen = int(cl)
+            if clen > MAX_BODY:
+                self._http_error(413, "request body exceeds the limit")
+                return 0
+            total = hlen + clen
+            if n < total:
+                if clen and n == hlen and req.headers.get("expect", "").lower() == "100-continue":
+                    self._send_now(b"HTTP/1.1 100 Continue\r\n\r\n")
+                return 0
+            req.body = bytes(buf[hlen:total]) if clen else b""
+            req.received_at = self.last_seen
+            del buf[:total]
+            self.req_started = False
+            if PyByteArray_GET_SIZE(buf) == 0:
+                self.inbuf = None
+            _handler.on_request(self, req)
+        return 0
+
+    cdef int _http_error(self, int status, str message) except -1:
+        self.respond(status, b'{"error":"' + message.encode() + b'"}', keep_alive=False)
+        return 0
+
+    def respond(self, int status, bytes body, bytes content_type=b"application/json",
+                headers=None, bint keep_alive=True):
+        """Sends one HTTP answer at once (answers go out before the fan-out they trigger)."""
+        if self.state != S_HTTP:
+            return
+        parts = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
+            status, _REASONS.get(status, "Unknown").encode(), content_type, len(body))]
+        if headers:
+            for k, v in headers:
+                parts.append(f"{k}: {v}\r\n".encode())
+        if not keep_alive:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        parts.append(body)
+        self._send_now(b"".join(parts))
+        if not keep_alive:
+            # half-close and let the peer close: closing with unread input would send an
+            # RST that can destroy the answer before the client reads it
+            self.state = S_DRAIN
+            self.since = _now()
+            self.inbuf = None
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:
+                self.transport.close()
+            return
+        if self.held:
+            self.held = False
+            self.transport.resume_reading()
+            if self.inbuf is not None:
+                _call_soon(self._process)
+
+    def hold(self):
+        """The answer will come later (an async handler): stop reading until respond()."""
+        self.held = True
+        self.transport.pause_reading()
+
+    def accept_websocket(self, Request req):
+        """Answers the upgrade with 101; from here on the connection speaks WebSocket."""
+        global _ws_count
+        key = req.headers.get("sec-websocket-key", "")
+        accept = base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest())
+        self._send_now(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                       b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        self.state = S_WS
+        _ws_count += 1
+        self.since = self.last_seen = _now()
+        if self.inbuf is not None:
+            _call_soon(self._process)
+
+    # ---- WebSocket input
+
+    cdef Py_ssize_t _parse_ws(self, const unsigned char* buf, Py_ssize_t n) except -1:
+        cdef Py_ssize_t pos = 0, hdr, plen, i, m
+        cdef unsigned char b0, b1
+        cdef int op
+        cdef bint fin
+        cdef const unsigned char* mask
+        cdef unsigned char* out
+        cdef uint64_t mask64
+        cdef bytes payload
+        while n - pos >= 2 and (self.state == S_WS or self.state == S_CLOSING):
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            fin = (b0 & 0x80) != 0
+            op = b0 & 0x0F
+            if b0 & 0x70:
+                self._fail(1002, "reserved bits set")
+                return n
+            if not (b1 & 0x80):
+                self._fail(1002, "client frames must be masked")
+                return n
+            plen = b1 & 0x7F
+            hdr = 2
+            if plen == 126:
+                if n - pos < 4:
+                    break
+                plen = (buf[pos + 2] << 8) | buf[pos + 3]
+                hdr = 4
+            elif plen == 127:
+                if n - pos < 10:
+                    break
+                plen = 0
+                for i in range(8):
+                    if i == 0 and buf[pos + 2] & 0x80:
+                        plen = -1
+                        break
+                    plen = (plen << 8) | buf[pos + 2 + i]
+                hdr = 10
+            if plen < 0 or plen > MAX_FRAME:
+                self._fail(1009, "frame exceeds the size limit")
+                return n
+            if n - pos < hdr + 4 + plen:
+                break
+            mask = buf + pos + hdr
+            payload = PyBytes_FromStringAndSize(NULL, plen)
+            out = <unsigned char*>PyBytes_AS_STRING(payload)
+            memcpy(out, buf + pos + hdr + 4, plen)
+            memcpy(&mask64, mask, 4)
+            memcpy((<unsigned char*>&mask64) + 4, mask, 4)
+            m = plen & ~7
+            i = 0
+            while i < m:
+                (<uint64_t*>(out + i))[0] ^= mask64
+                i += 8
+            while i < plen:
+                out[i] ^= mask[i & 3]
+                i += 1
+            pos += hdr + 4 + plen
+            if op >= 8:
+                if not fin or plen > 125:
+                    self._fail(1002, "invalid control frame")
+                    return n
+                self._control(op, payload)
+                continue
+            if self.state != S_WS:
+                continue  # data after our close frame is dropped
+            if op == 0:
+                if self.frag is None:
+                    self._fail(1002, "continuation without a message")
+                    return n
+                if PyByteArray_GET_SIZE(self.frag) + plen > MAX_FRAME:
+                    self._fail(1009, "message exceeds the size limit")
+                    return n
+                self.frag += payload
+                if fin:
+                    payload = bytes(self.frag)
+                    self.frag = None
+                    _handler.on_message(self, payload)
+            elif op == 1:
+                if self.frag is not None:
+                    self._fail(1002, "new message inside a fragmented one")
+                    return n
+                if fin:
+                    _handler.on_message(self, payload)
+                else:
+                    self.frag = bytearray(payload)
+            elif op == 2:
+                self._fail(1003, "binary frames are not part of the Pusher protocol")
+                return n
+            else:
+                self._fail(1002, "unknown opcode")
+                return n
+        return pos
+
+    cdef int _control(self, int opcode, bytes payload) except -1:
+        cdef int code = 1000
+        if opcode == 9:
+            if self.state == S_WS:
+                self._queue(encode_frame(payload, 10))
+        elif opcode == 8:
+            if self.state == S_CLOSING:
+                self._flush()
+                self.transport.close()
+                return 0
+            if PyBytes_GET_SIZE(payload) >= 2:
+                code = (<unsigned char>payload[0] << 8) | <unsigned char>payload[1]
+            elif PyBytes_GET_SIZE(payload) == 1:
+                code = 1002
+            if code < 1000 or code in (1004, 1005, 1006) or 1016 <= code < 3000 or code > 4999:
+                code = 1002
+            self._queue(encode_close(code))
+            self._flush()
+            self.state = S_CLOSING
+            self.transport.close()
+        # pongs only count as activity, which data_received already noted
+        return 0
+
+    cdef int _fail(self, int code, str reason) except -1:
+        self.close(code, reason)
+        return 0
+
+    # ---- output
+
+    cdef int _queue(self, bytes frame) except -1:
+        cdef Py_ssize_t n, need, cap
+        cdef char* grown
+        cdef bytes first
+        if self.pend is None and self.olen == 0:
+            self.pend = frame   # a reference, no copy: the common single-frame case
+        else:
+            n = PyBytes_GET_SIZE(frame)
+            if self.pend is not None:
+                first = self.pend
+                self.pend = None
+                need = PyBytes_GET_SIZE(first) + n
+            else:
+                need = self.olen + n
+            if need > self.ocap:
+                cap = self.ocap * 2 if self.ocap else 4096
+                while cap < need:
+                    cap *= 2
+                grown = <char*>realloc(self.obuf, cap)
+                if grown == NULL:
+                    raise MemoryError()
+                self.obuf = grown
+                self.ocap = cap
+            if self.olen == 0 and first is not None:
+                memcpy(self.obuf, PyBytes_AS_STRING(first), PyBytes_GET_SIZE(first))
+                self.olen = PyBytes_GET_SIZE(first)
+            memcpy(self.obuf + self.olen, PyBytes_AS_STRING(frame), n)
+            self.olen += n
+        if not self.queued:
+            _mark_dirty(self)
+        return 0
+
+    cdef int _flush(self) except -1:
+        cdef bytes one
+        if self.pend is not None:
+            one = self.pend
+            self.pend = None
+            _raw_send(self, PyBytes_AS_STRING(one), PyBytes_GET_SIZE(one))
+        elif self.olen:
+            n = self.olen
+            self.olen = 0
+            _raw_send(self, self.obuf, n)
+            if self.ocap > 65536:  # don't let one burst pin a large buffer
+                free(self.obuf)
+                self.obuf = NULL
+                self.ocap = 0
+        return 0
+
+    cdef int _send_now(self, bytes data) except -1:
+        if self.pend is not None or self.olen:
+            self._flush()
+        _raw_send(self, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        return 0
+
+    def send(self, bytes frame):
+        """Queues an encoded frame; it leaves with this iteration's flush."""
+        if self.state == S_WS:
+            self._queue(frame)
+
+    def send_text(self, object text):
+        if self.state == S_WS:
+            self._queue(encode_frame(text))
+
+    def close(self, int code=1000, str reason=""):
+        """Starts the closing handshake; the socket goes when the peer answers or times out."""
+        if self.state == S_WS:
+            self._queue(encode_close(code, reason))
+            self._flush()
+            self.state = S_CLOSING
+            self.since = _now()
+            self.frag = None
+            try:
+                if self.transport.can_write_eof():
+                    self.transport.write_eof()
+            except Exception:
+                self.transport.close()
+        elif self.state == S_HTTP:
+            self.state = S_CLOSING
+            self.transport.close()
+
+    def abort(self):
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def is_websocket(self):
+        return self.state == S_WS
+
+    @property
+    def peer(self):
+        return self.transport.get_extra_info("peername") if self.transport is not None else None
+
+    @property
+    def write_buffer_size(self):
+        size = self.olen + (PyBytes_GET_SIZE(self.pend) if self.pend is not None else 0)
+        if self.transport is not None:
+            size += self.transport.get_write_buffer_size()
+        return size
+
+
+cdef Request _parse_head(const char* p, Py_ssize_t hlen):
+    """Request line and headers; None when malformed. Header names are lower-cased."""
+    cdef const char* end = p + hlen - 2   # the final CRLF
+    cdef const char* line_end
+    cdef const char* sp1
+    cdef const char* sp2
+    cdef const char* colon
+    cdef const char* vs
+    cdef const char* ve
+    cdef const char* q
+    cdef Request req = Request.__new__(Request)
+    cdef dict headers = {}
+    cdef int count = 0
+    line_end = <const char*>memmem(p, end - p, b"\r\n", 2)
+    if line_end == NULL:
+        return None
+    sp1 = <const char*>memchr(p, 32, line_end - p)
+    if sp1 == NULL or sp1 == p:
+        return None
+    sp2 = <const char*>memchr(sp1 + 1, 32, line_end - sp1 - 1)
+    if sp2 == NULL or sp2 == sp1 + 1 or line_end - sp2 - 1 != 8:
+        return None
+    if memcmp_(sp2 + 1, b"HTTP/1.", 7) != 0:
+        return None
+    req.method = p[:sp1 - p].decode("latin-1")
+    q = <const char*>memchr(sp1 + 1, 63, sp2 - sp1 - 1)  # '?'
+    if q == NULL:
+        req.path = (sp1 + 1)[:sp2 - sp1 - 1].decode("latin-1")
+        req.query = ""
+    else:
+        req.path = (sp1 + 1)[:q - sp1 - 1].decode("latin-1")
+        req.query = (q + 1)[:sp2 - q - 1].decode("latin-1")
+    minor = sp2[8]
+    p = line_end + 2
+    while p < end:
+        line_end = <const char*>memmem(p, end - p + 2, b"\r\n", 2)
+        if line_end == NULL:
+            return None
+        colon = <const char*>memchr(p, 58, line_end - p)
+        if colon == NULL or colon == p:
+            return None
+        vs = colon + 1
+        while vs < line_end and (vs[0] == 32 or vs[0] == 9):
+            vs += 1
+        ve = line_end
+        while ve > vs and (ve[-1] == 32 or ve[-1] == 9):
+            ve -= 1
+        name = p[:colon - p].decode("latin-1").lower()
+        if " " in name or "\t" in name:
+            return None
+        value = vs[:ve - vs].decode("latin-1")
+        if name in headers:
+            headers[name] = headers[name] + ", " + value
+        else:
+            headers[name] = value
+        count += 1
+        if count > 100:
+            return None
+        p = line_end + 2
+    req.headers = headers
+    conn_hdr = headers.get("connection", "").lower()
+    if minor == 49:  # HTTP/1.1
+        req.keep_alive = "close" not in conn_hdr
+    else:
+        req.keep_alive = "keep-alive" in conn_hdr
+    return req
+
+
+cdef inline int memcmp_(const char* a, const char* b, Py_ssize_t n) noexcept:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if a[i] != b[i]:
+            return 1
+    return 0
+
+
+# ---------------------------------------------------------------- channels and fan-out
+
+cdef class Channel:
+    """One app's channel on this worker: its local subscribers and what the kind needs."""
+
+    def __init__(self, app_id, str name, int kind):
+        self.app_id = app_id
+        self.name = name
+        self.kind = kind
+        self.members = {}
+        self.roster = {} if name.startswith("presence-") else None
+        self.cache = None
+
+    cpdef int fanout(self, bytes frame, Conn exclude=None) except -1:
+        """Queues the same frame bytes on every local subscriber; returns the count."""
+        cdef Py_ssize_t pos = 0
+        cdef PyObject* key
+        cdef PyObject* value
+        cdef Conn c
+        cdef int sent = 0
+        while PyDict_Next(self.members, &pos, &key, &value):
+            c = <Conn>key
+            if c is exclude or c.state != S_WS:
+                continue
+            c._queue(frame)
+            sent += 1
+        return sent
+
+    def __len__(self):
+        return len(self.members)
+
+    def __repr__(self):
+        return f"<Channel {self.app_id}/{self.name} {len(self.members)} local>"
+
+
+# ---------------------------------------------------------------- the sweep
+
+def sweep(double activity_timeout, double pong_timeout, double request_timeout,
+          double idle_timeout, double closing_timeout):
+    """Pings silent sockets, closes dead ones (4201), slow requests (408) and idle ones.
+
+    One pass over the connection list replaces a timer per connection.
+    """
+    cdef double now = _now()
+    cdef Conn c = _head
+    cdef Conn nxt
+    cdef int closed = 0
+    while c is not None:
+        nxt = c.next
+        if c.state == S_WS:
+            if c.ping_sent:
+                if now - c.since > pong_timeout:
+                    c.close(4201, "Pong reply not received")
+                    closed += 1
+            elif now - c.last_seen > activity_timeout:
+                c.ping_sent = True
+                c.since = now
+                c._queue(_PING)
+        elif c.state == S_HTTP:
+            if c.req_started and now - c.since > request_timeout:
+                c._http_error(408, "request not completed in time")
+                closed += 1
+            elif not c.held and now - c.last_seen > idle_timeout:
+                c.close()
+                closed += 1
+        elif (c.state == S_CLOSING or c.state == S_DRAIN) and now - c.since > closing_timeout:
+            c.transport.abort()
+            closed += 1
+        c = nxt
+    return closed
+
+
+# ---------------------------------------------------------------- signatures
+
+cpdef str hmac_sha256_hex(bytes key, bytes message):
+    return _hmac.digest(key, message, "sha256").hex()
+
+
+cpdef bint constant_time_equal(bytes a, bytes b):
+    """Compares without an early exit, so timing does not reveal the matching prefix."""
+    cdef Py_ssize_t i, n = PyBytes_GET_SIZE(a)
+    cdef unsigned char diff = 0
+    cdef const unsigned char* pa = <const unsigned char*>PyBytes_AS_STRING(a)
+    cdef const unsigned char* pb = <const unsigned char*>PyBytes_AS_STRING(b)
+    if n != PyBytes_GET_SIZE(b):
+        return False
+    for i in range(n):
+        diff |= pa[i] ^ pb[i]
+    return diff == 0
+
+
+cpdef bint verify_hmac(bytes key, bytes message, object signature):
+    """True when signature (hex, any case) is HMAC-SHA256(key, message)."""
+    if isinstance(signature, str):
+        try:
+            signature = (<str>signature).lower().encode("ascii")
+        except UnicodeEncodeError:
+            return False
+    elif not isinstance(signature, bytes):
+        return False
+    else:
+        signature = (<bytes>signature).lower()
+    expected = _hmac.digest(key, message, "sha256").hex().encode("ascii")
+    return constant_time_equal(expected, signature)
+
+
+# ---------------------------------------------------------------- query strings
+
+cdef inline int _hexval(char ch) noexcept:
+    if 48 <= ch <= 57:
+        return ch - 48
+    if 97 <= ch <= 102:
+        return ch - 87
+    if 65 <= ch <= 70:
+        return ch - 55
+    return -1
+
+
+cpdef str unquote(str s):
+    """Percent-decoding with '+' as space, as query strings use."""
+    if "%" not in s and "+" not in s:
+        return s
+    cdef bytes raw = s.encode("utf-8")
+    cdef const char* p = PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw), i = 0, j = 0
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
+    cdef char* o = PyBytes_AS_STRING(out)
+    cdef int hi, lo
+    while i < n:
+        if p[i] == 37 and i + 2 < n:
+            hi = _hexval(p[i + 1])
+            lo = _hexval(p[i + 2])
+            if hi >= 0 and lo >= 0:
+                o[j] = <char>(hi * 16 + lo)
+                i += 3
+                j += 1
+                continue
+        o[j] = 32 if p[i] == 43 else p[i]
+        i += 1
+        j += 1
+    return out[:j].decode("utf-8", "replace")
+
+
+cpdef dict parse_query(str query):
+    """'a=1&b=2' -> {'a': '1', 'b': '2'}; the last value wins, as in Pusher's signing."""
+    cdef dict out = {}
+    if not query:
+        return out
+    for part in query.split("&"):
+        if not part:
+            continue
+        k, sep, v = part.partition("=")
+        out[unquote(k)] = unquote(v)
+    return out

@@ -1,0 +1,106 @@
+"""Apps: who may connect and publish, with each app's switches and limits."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(eq=False)
+class App:
+    id: str
+    key: str
+    secret: str
+    name: str = ""
+    enabled: bool = True
+    max_connections: int = 0  # 0: unlimited
+    client_events: bool = True
+    client_event_rate: int = 10  # per connection per second (Pusher's limit)
+    user_authentication: bool = False  # require pusher:signin within user_auth_timeout
+    user_auth_timeout: float = 30.0
+    subscription_count: bool = False  # opt-in pusher_internal:subscription_count
+    max_presence_members: int = 100
+    max_presence_user_info: int = 1024
+    max_event_payload: int = 10_240
+    max_channels_per_event: int = 100
+    max_batch_size: int = 10
+    rate_limit: float = 0.0  # accepted events per second over the APIs; 0: unlimited
+    rate_burst: int = 0  # 0: one second's worth
+    allowed_origins: list[str] = field(default_factory=list)
+    audit_client_events: bool = False
+
+    def validate(self, where: str = "") -> None:
+        from .config import ConfigError
+
+        if ":" in self.key:
+            raise ConfigError(f"{where}key: must not contain ':' (auth strings are key:signature)")
+        for name in ("max_connections", "max_presence_members", "max_event_payload"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}{name}: must not be negative")
+
+    @property
+    def secret_bytes(self) -> bytes:
+        return self.secret.encode()
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        if not self.allowed_origins or "*" in self.allowed_origins:
+            return True
+        if origin is None:
+            return False
+        host = origin.split("://", 1)[-1].rstrip("/")
+        for allowed in self.allowed_origins:
+            a = allowed.split("://", 1)[-1].rstrip("/")
+            if a == host or (a.startswith("*.") and host.endswith(a[1:])):
+                return True
+        return False
+
+    def public(self) -> dict:
+        """What may be shown: everything but the secret."""
+        d = asdict(self)
+        d.pop("secret")
+        return d
+
+
+class AppManager:
+    """Looks apps up by id (HTTP API) and by key (WebSocket, intake)."""
+
+    def __init__(self, apps: list[App]) -> None:
+        self._by_id: dict[str, App] = {}
+        self._by_key: dict[str, App] = {}
+        for app in apps:
+            self.add(app)
+
+    def add(self, app: App) -> None:
+        self._by_id[app.id] = app
+        self._by_key[app.key] = app
+
+    def by_id(self, app_id: str) -> App | None:
+        return self._by_id.get(app_id)
+
+    def by_key(self, key: str) -> App | None:
+        return self._by_key.get(key)
+
+    def all(self) -> list[App]:
+        return list(self._by_id.values())
+
+
+def development_app(data_dir: Path) -> App:
+    """The app used when none is configured, kept in the data dir so restarts keep its key."""
+    path = data_dir / "dev-app.json"
+    try:
+        d = json.loads(path.read_text())
+        return App(id=d["id"], key=d["key"], secret=d["secret"], name="development")
+    except (OSError, ValueError, KeyError):
+        pass
+    app = App(
+        id=str(secrets.randbelow(900000) + 100000),
+        key=secrets.token_hex(10),
+        secret=secrets.token_hex(10),
+        name="development",
+    )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"id": app.id, "key": app.key, "secret": app.secret}))
+    path.chmod(0o600)
+    return app

@@ -1,0 +1,262 @@
+"""HTTP routes on the shared port: the WebSocket upgrade, health, and the Pusher HTTP API."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from . import channels as kinds
+from ._core import Conn, Request, parse_query, unquote
+from .apps import App
+from .events import Event
+from .protocol import valid_socket_id
+from .signatures import check_api_request
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("fastrelay.http")
+
+MAX_EVENT_NAME = 200
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+def reply(conn: Conn, req: Request, status: int, body: Any,
+          headers: list[tuple[str, str]] | None = None) -> None:
+    conn.respond(status, orjson.dumps(body), b"application/json", headers, req.keep_alive)
+
+
+class HttpApi:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        # (method, route) -> handler; the route is the path after /apps/{id}/
+        self.routes = {
+            ("POST", "events"): self.trigger,
+            ("POST", "batch_events"): self.batch,
+            ("GET", "channels"): self.channels,
+            ("GET", "channel"): self.channel,
+            ("GET", "users"): self.users,
+            ("POST", "terminate_connections"): self.terminate,
+        }
+
+    def handle(self, conn: Conn, req: Request) -> None:
+        path = req.path
+        try:
+            if path.startswith("/app/"):
+                self.upgrade(conn, req)
+            elif path.startswith("/apps/"):
+                self.api(conn, req)
+            elif path == "/up":
+                conn.respond(200, b"OK", b"text/plain", None, req.keep_alive)
+            elif path == "/ready":
+                if self.node.draining:
+                    raise HttpError(503, "draining")
+                reply(conn, req, 200, {"ready": True})
+            else:
+                extra = getattr(self.node, "routes", {}).get(path)
+                if extra is None:
+                    raise HttpError(404, f"no route for {path[:100]}")
+                extra(conn, req)
+        except HttpError as e:
+            reply(conn, req, e.status, {"error": e.message}, e.headers)
+
+    # ------------------------------------------------------------------ WebSocket
+
+    def upgrade(self, conn: Conn, req: Request) -> None:
+        h = req.headers
+        if req.method != "GET":
+            raise HttpError(405, "WebSocket upgrades use GET")
+        if "websocket" not in h.get("upgrade", "").lower():
+            raise HttpError(426, "this endpoint speaks WebSocket; send an Upgrade request")
+        if h.get("sec-websocket-version") != "13" or not h.get("sec-websocket-key"):
+            raise HttpError(400, "Sec-WebSocket-Version 13 and Sec-WebSocket-Key are required")
+        if self.node.draining:
+            raise HttpError(503, "draining")
+        key = unquote(req.path[5:].rstrip("/"))
+        conn.accept_websocket(req)
+        app = self.node.apps.by_key(key)
+        self.node.protocol.open(conn, app, parse_query(req.query), h.get("origin"))
+
+    # ------------------------------------------------------------------ the Pusher HTTP API
+
+    def api(self, conn: Conn, req: Request) -> None:
+        parts = req.path.split("/")  # ["", "apps", id, ...]
+        app = self.node.apps.by_id(unquote(parts[2]))
+        if app is None:
+            raise HttpError(404, "unknown app")
+        route, arg = self._route(parts[3:])
+        if route is None:
+            raise HttpError(404, f"no route for {req.path[:100]}")
+        handler = self.routes.get((req.method, route))
+        if handler is None:
+            raise HttpError(405, f"{req.method} is not allowed here")
+        params, problem = check_api_request(app.key, app.secret_bytes, req.method, req.path,
+                                            req.query, req.body)
+        if problem is not None:
+            raise HttpError(401, problem)
+        if not app.enabled:
+            raise HttpError(403, "app is disabled")
+        if self.node.draining and req.method == "POST":
+            raise HttpError(503, "draining")
+        handler(conn, req, app, params, arg)
+
+    @staticmethod
+    def _route(rest: list[str]) -> tuple[str | None, str | None]:
+        if len(rest) == 1 and rest[0] in ("events", "batch_events", "channels"):
+            return rest[0], None
+        if len(rest) == 2 and rest[0] == "channels":
+            return "channel", unquote(rest[1])
+        if len(rest) == 3 and rest[0] == "channels" and rest[2] == "users":
+            return "users", unquote(rest[1])
+        if len(rest) == 3 and rest[0] == "users" and rest[2] == "terminate_connections":
+            return "terminate_connections", unquote(rest[1])
+        return None, None
+
+    def _json(self, req: Request) -> dict:
+        try:
+            body = orjson.loads(req.body)
+        except orjson.JSONDecodeError:
+            raise HttpError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise HttpError(400, "the body must be a JSON object")
+        return body
+
+    def _event(self, app: App, item: dict, batch: bool) -> tuple[Event, list[str]]:
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise HttpError(400, "name is required")
+        if len(name) > MAX_EVENT_NAME:
+            raise HttpError(400, f"name is longer than {MAX_EVENT_NAME} characters")
+        if batch:
+            chans = [item.get("channel")]
+        else:
+            chans = item.get("channels")
+            if chans is None:
+                chans = [item.get("channel")]
+        if not isinstance(chans, list) or not chans:
+            raise HttpError(400, "channels must be a non-empty list")
+        if len(chans) > app.max_channels_per_event:
+            raise HttpError(400, f"at most {app.max_channels_per_event} channels per event")
+        for ch in chans:
+            problem = kinds.name_error(ch)
+            if problem is not None:
+                raise HttpError(400, f"{problem}: {str(ch)[:100]!r}")
+        if len(chans) > 1 and any(kinds.kind_of(c) & kinds.ENCRYPTED for c in chans):
+            raise HttpError(400, "cannot trigger to several channels when one is encrypted")
+        data = item.get("data")
+        if data is None:
+            raise HttpError(400, "data is required")
+        if not isinstance(data, str):
+            data = orjson.dumps(data).decode()
+        if len(data.encode()) > app.max_event_payload:
+            raise HttpError(413, f"data is larger than {app.max_event_payload} bytes")
+        socket_id = item.get("socket_id")
+        if socket_id is not None and not valid_socket_id(socket_id):
+            raise HttpError(400, "socket_id must look like 123.456")
+        info = item.get("info")
+        if info is not None and not isinstance(info, str):
+            raise HttpError(400, "info must be a comma-separated string")
+        attrs = [a for a in (info or "").split(",") if a]
+        for a in attrs:
+            if a not in ("user_count", "subscription_count"):
+                raise HttpError(400, f"unknown info attribute {a[:40]!r}")
+        return Event(app_id=app.id, channels=chans, name=name, data=data, socket_id=socket_id,
+                     source="api"), attrs
+
+    def _info(self, app: App, channel: str, attrs: list[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for a in attrs:
+            if a == "user_count":
+                if kinds.kind_of(channel) & kinds.PRESENCE:
+                    out["user_count"] = self.node.user_count(app.id, channel)
+            else:
+                out["subscription_count"] = self.node.subscription_count(app.id, channel)
+        return out
+
+    def _accept(self, events: list[Event]) -> None:
+        gate = getattr(self.node, "gate", None)
+        if gate is not None:
+            gate(events)  # rate limits (raises HttpError 429)
+        if not self.node.accept(events):
+            raise HttpError(503, "the audit queue is full; retry shortly", [("Retry-After", "1")])
+
+    def trigger(self, conn: Conn, req: Request, app: App, params: dict, arg: Any) -> None:
+        event, attrs = self._event(app, self._json(req), batch=False)
+        # answer first: the publisher should not wait for the fan-out
+        self._accept([event])
+        if attrs:
+            reply(conn, req, 200, {"channels": {c: self._info(app, c, attrs) for c in event.channels}})
+        else:
+            conn.respond(200, b"{}", b"application/json", None, req.keep_alive)
+
+    def batch(self, conn: Conn, req: Request, app: App, params: dict, arg: Any) -> None:
+        items = self._json(req).get("batch")
+        if not isinstance(items, list) or not items:
+            raise HttpError(400, "batch must be a non-empty list")
+        if len(items) > app.max_batch_size:
+            raise HttpError(400, f"at most {app.max_batch_size} events per batch")
+        parsed = []
+        for item in items:
+            if not isinstance(item, dict):
+                raise HttpError(400, "each batch item must be an object")
+            parsed.append(self._event(app, item, batch=True))
+        self._accept([ev for ev, _ in parsed])
+        if any(attrs for _, attrs in parsed):
+            reply(conn, req, 200, {"batch": [self._info(app, ev.channels[0], attrs)
+                                             for ev, attrs in parsed]})
+        else:
+            conn.respond(200, b"{}", b"application/json", None, req.keep_alive)
+
+    def channels(self, conn: Conn, req: Request, app: App, params: dict, arg: Any) -> None:
+        prefix = params.get("filter_by_prefix", "")
+        attrs = [a for a in params.get("info", "").split(",") if a]
+        for a in attrs:
+            if a == "user_count" and not prefix.startswith("presence-"):
+                raise HttpError(400, "info=user_count needs filter_by_prefix=presence-")
+            if a not in ("user_count", "subscription_count"):
+                raise HttpError(400, f"unknown info attribute {a[:40]!r}")
+        out = {ch.name: self._info(app, ch.name, attrs)
+               for ch in self.node.occupied_channels(app.id, prefix)}
+        reply(conn, req, 200, {"channels": out})
+
+    def channel(self, conn: Conn, req: Request, app: App, params: dict, name: str) -> None:
+        problem = kinds.name_error(name)
+        if problem is not None:
+            raise HttpError(400, problem)
+        attrs = [a for a in params.get("info", "").split(",") if a]
+        count = self.node.subscription_count(app.id, name)
+        out: dict[str, Any] = {"occupied": count > 0}
+        for a in attrs:
+            if a == "user_count":
+                if not kinds.kind_of(name) & kinds.PRESENCE:
+                    raise HttpError(400, "user_count is only available on presence channels")
+                out["user_count"] = self.node.user_count(app.id, name)
+            elif a == "subscription_count":
+                out["subscription_count"] = count
+            elif a == "cache":
+                cached = self.node.cached_event(app.id, name)
+                if cached is not None:
+                    ev, ttl = cached
+                    out["cache"] = {"event": ev.name, "data": ev.data, "ttl": int(ttl)}
+            else:
+                raise HttpError(400, f"unknown info attribute {a[:40]!r}")
+        reply(conn, req, 200, out)
+
+    def users(self, conn: Conn, req: Request, app: App, params: dict, name: str) -> None:
+        if not kinds.kind_of(name) & kinds.PRESENCE:
+            raise HttpError(400, "users are only listed for presence channels")
+        reply(conn, req, 200, {"users": [{"id": uid} for uid in
+                                         self.node.presence_users(app.id, name)]})
+
+    def terminate(self, conn: Conn, req: Request, app: App, params: dict, user_id: str) -> None:
+        self.node.terminate_user(app.id, user_id)
+        reply(conn, req, 200, {})

@@ -1,0 +1,300 @@
+"""The node: one worker's state (connections, channels, users) and the pipeline's last
+stages: events accepted here go to the audit and the bus; events from the bus fan out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from . import _core
+from . import channels as kinds
+from .apps import App, AppManager
+from .channels import ChannelTable
+from .events import Event
+from .protocol import PusherProtocol, message
+
+if TYPE_CHECKING:
+    from .audit import AuditLog
+    from .bus import Bus
+    from .config import Config
+
+log = logging.getLogger("fastrelay.node")
+
+
+class Stats:
+    """Plain counters; the metrics endpoint reads them (no work per delivery beyond an add)."""
+
+    __slots__ = ("published", "deliveries", "client_events", "stale_dropped", "closed_slow",
+                 "connections_opened", "audit_refused")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+
+class Node:
+    """Implements the compiled core's callbacks (on_request, on_message, on_close)."""
+
+    def __init__(self, cfg: Config, apps: AppManager, loop: asyncio.AbstractEventLoop,
+                 bus: Bus | None = None, audit: AuditLog | None = None) -> None:
+        from .bus import LocalBus
+        from .http_api import HttpApi
+
+        self.cfg = cfg
+        self.apps = apps
+        self.loop = loop
+        self.bus: Bus = bus or LocalBus()
+        self.audit = audit
+        self.channels = ChannelTable()
+        self.sockets: dict[str, _core.Conn] = {}  # socket_id -> connection
+        self.users: dict[tuple[str, str], set[_core.Conn]] = {}  # signed-in connections
+        self.watchers: dict[tuple[str, str], set[_core.Conn]] = defaultdict(set)
+        self.app_counts: dict[str, int] = defaultdict(int)
+        self.caches: dict[tuple[str, str], tuple[bytes, float, Event]] = {}
+        self.protocol = PusherProtocol(self)
+        self.http = HttpApi(self)
+        self.stats = Stats()
+        self.draining = False
+        self._count_dirty: set[_core.Channel] = set()
+
+    # ------------------------------------------------------------------ core callbacks
+
+    def on_request(self, conn: _core.Conn, req: _core.Request) -> None:
+        try:
+            self.http.handle(conn, req)
+        except Exception:
+            log.exception("HTTP handler failed", extra={"path": req.path})
+            conn.respond(500, b'{"error":"internal error"}', keep_alive=False)
+
+    def on_message(self, conn: _core.Conn, payload: bytes) -> None:
+        try:
+            self.protocol.on_message(conn, payload)
+        except Exception:
+            log.exception("message handler failed")
+            conn.send(message("pusher:error", {"code": None, "message": "internal error"}))
+
+    def on_close(self, conn: _core.Conn) -> None:
+        try:
+            self.protocol.on_close(conn)
+        except Exception:
+            log.exception("close handler failed")
+
+    def on_slow_consumer(self, conn: _core.Conn) -> None:
+        self.stats.closed_slow += 1
+        conn.close(4100, "Connection too slow: outbound buffer full")
+
+    # ------------------------------------------------------------------ connections
+
+    def register(self, conn: _core.Conn) -> None:
+        self.sockets[conn.socket_id] = conn
+        self.app_counts[conn.app.id] += 1
+        self.stats.connections_opened += 1
+
+    def unregister(self, conn: _core.Conn) -> None:
+        if self.sockets.pop(conn.socket_id, None) is not None:
+            self.app_counts[conn.app.id] -= 1
+        if conn.user_id is not None:
+            self.sign_out(conn)
+
+    def app_connections(self, app_id: str) -> int:
+        return self.app_counts.get(app_id, 0)
+
+    def websocket_count(self) -> int:
+        return _core.websocket_count()
+
+    # ------------------------------------------------------------------ users
+
+    def sign_in(self, conn: _core.Conn, watchlist: list[str]) -> None:
+        app_id = conn.app.id
+        key = (app_id, conn.user_id)
+        conns = self.users.get(key)
+        if conns is None:
+            self.users[key] = {conn}
+            self._watch_event(app_id, conn.user_id, "online")
+        else:
+            conns.add(conn)
+        if watchlist:
+            extra = conn.extra if conn.extra is not None else {}
+            extra["watchlist"] = watchlist
+            conn.extra = extra
+            for uid in watchlist:
+                self.watchers[(app_id, uid)].add(conn)
+            online = [uid for uid in watchlist if (app_id, uid) in self.users]
+            if online:
+                conn.send(message("pusher_internal:watchlist_events",
+                                  {"events": [{"name": "online", "user_ids": online}]}))
+
+    def sign_out(self, conn: _core.Conn) -> None:
+        app_id = conn.app.id
+        key = (app_id, conn.user_id)
+        conns = self.users.get(key)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self.users[key]
+                self._watch_event(app_id, conn.user_id, "offline")
+        if conn.extra and "watchlist" in conn.extra:
+            for uid in conn.extra.pop("watchlist"):
+                w = self.watchers.get((app_id, uid))
+                if w is not None:
+                    w.discard(conn)
+                    if not w:
+                        del self.watchers[(app_id, uid)]
+        conn.user_id = None
+        conn.user = None
+
+    def _watch_event(self, app_id: str, user_id: str, name: str) -> None:
+        watchers = self.watchers.get((app_id, user_id))
+        if watchers:
+            frame = message("pusher_internal:watchlist_events",
+                            {"events": [{"name": name, "user_ids": [user_id]}]})
+            for w in watchers:
+                w.send(frame)
+
+    def terminate_user(self, app_id: str, user_id: str) -> int:
+        conns = list(self.users.get((app_id, user_id), ()))
+        for conn in conns:
+            self.protocol.refuse(conn, 4009, "You got disconnected by the app.")
+        return len(conns)
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def accept(self, events: list[Event]) -> bool:
+        """Intake's last step: audit, then the bus. False when the audit cannot take them
+        (the caller answers 503: an event is accepted only once it is queued for the audit)."""
+        if self.audit is not None:
+            for ev in events:
+                if not self.audit.record(ev):
+                    self.stats.audit_refused += 1
+                    return False
+        for ev in events:
+            self.stats.published += 1
+            self.bus.publish(ev)
+        return True
+
+    def publish_client(self, event: Event) -> None:
+        self.stats.client_events += 1
+        if self.audit is not None and event.app_id and self._audits_client_events(event.app_id):
+            self.audit.record(event)
+        self.bus.publish(event)
+
+    def _audits_client_events(self, app_id: str) -> bool:
+        app = self.apps.by_id(app_id)
+        return app is not None and app.audit_client_events
+
+    def deliver(self, event: Event) -> int:
+        """Fan-out on this worker: one frame per channel, the same bytes to every subscriber."""
+        if self.cfg.event_ttl and time.time() - event.accepted_at > self.cfg.event_ttl:
+            self.stats.stale_dropped += 1
+            return 0
+        exclude = self.sockets.get(event.socket_id) if event.socket_id else None
+        sent = 0
+        for name in event.channels:
+            msg: dict[str, Any] = {"event": event.name, "channel": name, "data": event.data}
+            if event.user_id is not None:
+                msg["user_id"] = event.user_id
+            frame = _core.encode_frame(orjson.dumps(msg))
+            if kinds.kind_of(name) & kinds.CACHE:
+                self.caches[(event.app_id, name)] = (frame, time.monotonic() + self.cfg.cache_ttl,
+                                                     event)
+            ch = self.channels.get(event.app_id, name)
+            if ch is not None:
+                sent += ch.fanout(frame, exclude)
+        self.stats.deliveries += sent
+        return sent
+
+    def cached(self, app_id: str, name: str) -> bytes | None:
+        entry = self.caches.get((app_id, name))
+        if entry is None:
+            return None
+        if entry[1] < time.monotonic():
+            del self.caches[(app_id, name)]
+            return None
+        return entry[0]
+
+    def cached_event(self, app_id: str, name: str) -> tuple[Event, float] | None:
+        entry = self.caches.get((app_id, name))
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[2], entry[1] - time.monotonic()
+
+    # ------------------------------------------------------------------ channel edges
+    # Hooks for webhooks and cluster state; local no-ops beyond subscription counts.
+
+    def on_occupied(self, ch: _core.Channel) -> None:
+        pass
+
+    def on_vacated(self, ch: _core.Channel) -> None:
+        self._count_dirty.discard(ch)
+
+    def on_member_added(self, ch: _core.Channel, user_id: str) -> None:
+        pass
+
+    def on_member_removed(self, ch: _core.Channel, user_id: str) -> None:
+        pass
+
+    def on_cache_miss(self, app: App, name: str) -> None:
+        pass
+
+    def on_subscription_change(self, ch: _core.Channel) -> None:
+        if ch.roster is not None:
+            return  # presence channels report members instead
+        app = self.apps.by_id(ch.app_id)
+        if app is None or not app.subscription_count:
+            return
+        if not self._count_dirty:
+            # coalesce: a channel filling up sends one count, not one per subscriber
+            self.loop.call_later(0.05, self._send_counts)
+        self._count_dirty.add(ch)
+
+    def _send_counts(self) -> None:
+        dirty, self._count_dirty = self._count_dirty, set()
+        for ch in dirty:
+            if ch.members:
+                ch.fanout(message("pusher_internal:subscription_count",
+                                  {"subscription_count": len(ch.members)}, ch.name))
+
+    # ------------------------------------------------------------------ queries (HTTP API)
+
+    def subscription_count(self, app_id: str, name: str) -> int:
+        ch = self.channels.get(app_id, name)
+        return len(ch.members) if ch is not None else 0
+
+    def user_count(self, app_id: str, name: str) -> int:
+        ch = self.channels.get(app_id, name)
+        return len(ch.roster) if ch is not None and ch.roster is not None else 0
+
+    def presence_users(self, app_id: str, name: str) -> list[str]:
+        ch = self.channels.get(app_id, name)
+        return list(ch.roster) if ch is not None and ch.roster is not None else []
+
+    def occupied_channels(self, app_id: str, prefix: str = "") -> list[_core.Channel]:
+        return [ch for ch in self.channels.of_app(app_id) if ch.name.startswith(prefix)]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def sweep(self) -> None:
+        cfg = self.cfg
+        _core.sweep(cfg.activity_timeout, cfg.pong_timeout, cfg.request_timeout,
+                    cfg.idle_timeout, cfg.closing_timeout)
+        now = time.monotonic()
+        expired = [k for k, v in self.caches.items() if v[1] < now]
+        for k in expired:
+            del self.caches[k]
+
+    def close_all(self, code: int = 4200, reason: str = "Server shutting down") -> int:
+        frame = message("pusher:error", {"code": code, "message": reason})
+        n = 0
+        for conn in _core.connections():
+            if conn.is_websocket:
+                conn.send(frame)
+                conn.close(code, reason)
+                n += 1
+            else:
+                conn.close()
+        return n
