@@ -1,0 +1,1 @@
+"""Benchmark suite for Pusher-protocol servers (fastrelay, soketi, floors)."""
