@@ -1,0 +1,42 @@
+"""The audit log: every accepted event, recorded off the hot path for auditing and replay.
+
+    log = open_audit(settings.database_url, settings.data_dir)
+    await log.start()
+    if not log.record(event):      # O(1), never blocks; False: queue full -> answer 503
+        ...
+    await log.query(app_id, channel="orders", limit=50)   # newest first
+    await log.close()              # flushes
+
+PostgreSQL (asyncpg) when database_url is postgres:// or postgresql://, else SQLite at
+data_dir/audit.sqlite3. Both share the queue, batching, spill file and metrics in `AuditLog`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .base import AuditLog, AuditStats
+
+__all__ = ["AuditLog", "AuditStats", "open_audit"]
+
+
+def open_audit(database_url: str | None, data_dir: Path, *, queue_size: int = 100_000,
+               batch_rows: int = 1000, flush_interval: float = 0.005,
+               retention_days: float = 7, **options: Any) -> AuditLog:
+    """Builds the audit log for a URL (not started: `await log.start()`).
+
+    `options` go to the backend: for PostgreSQL schema, table, application_name, pool_size,
+    connect_timeout, write_timeout, partitions_ahead; for both retry_interval,
+    max_retry_interval, maintenance_interval.
+    """
+    common: dict[str, Any] = dict(queue_size=queue_size, batch_rows=batch_rows,
+                                  flush_interval=flush_interval, retention_days=retention_days)
+    data_dir = Path(data_dir)
+    if database_url and database_url.startswith(("postgres://", "postgresql://")):
+        from .postgres import PostgresAuditLog
+
+        return PostgresAuditLog(database_url, data_dir, **common, **options)
+    from .sqlite import SqliteAuditLog
+
+    return SqliteAuditLog(data_dir / "audit.sqlite3", data_dir, **common, **options)

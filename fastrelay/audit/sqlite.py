@@ -1,0 +1,230 @@
+"""SQLite audit backend for single-node deployments (stdlib sqlite3 on worker threads).
+
+One thread owns the write connection (sqlite3 connections are not shareable across threads
+and SQLite has a single writer anyway); another owns a read connection, which WAL mode lets
+run alongside writes. Each batch is one executemany transaction with INSERT OR IGNORE by id.
+
+Channel filter: a side table audit_event_channels(app_id, channel, event_id) whose primary
+key is exactly the lookup (app, channel, newest ids first), so a channel query is an index
+range scan. LIKE over a JSON text column would scan every row of the app and needs escaping
+to avoid false matches ("a" inside "ab").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .base import COLUMNS, MAX_QUERY_LIMIT, AuditLog, Row
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_schema_version (
+    version INTEGER PRIMARY KEY,
+    applied_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_events (
+    id TEXT PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    channels TEXT NOT NULL,  -- JSON array, for display; filtering uses audit_event_channels
+    name TEXT NOT NULL,
+    data TEXT NOT NULL,
+    socket_id TEXT,
+    source TEXT NOT NULL,
+    accepted_at REAL NOT NULL,
+    user_id TEXT,
+    replay_of TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_events_app_id ON audit_events (app_id, id);
+CREATE INDEX IF NOT EXISTS audit_events_accepted_at ON audit_events (accepted_at);
+CREATE TABLE IF NOT EXISTS audit_event_channels (
+    app_id TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (app_id, channel, event_id)
+) WITHOUT ROWID;
+"""
+_INSERT = f"INSERT OR IGNORE INTO audit_events VALUES ({', '.join('?' * len(COLUMNS))})"
+_INSERT_CH = "INSERT OR IGNORE INTO audit_event_channels VALUES (?, ?, ?)"
+_SELECT = "SELECT " + ", ".join("e." + c for c in COLUMNS)
+_RETENTION_CHUNK = 5000  # rows per transaction: keeps the write lock short
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: each committed batch is fsync'd, so flush() means durable even on power loss;
+    # batching keeps that to one fsync per batch.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+class SqliteAuditLog(AuditLog):
+    backend = "sqlite"
+
+    def __init__(self, path: Path, data_dir: Path, **kw: Any) -> None:
+        super().__init__(data_dir, **kw)
+        self.path = Path(path)
+        self._wx: ThreadPoolExecutor | None = None
+        self._rx: ThreadPoolExecutor | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self._open_lock = asyncio.Lock()
+
+    def _is_poison(self, exc: BaseException) -> bool:
+        # OperationalError (locked, I/O, disk full) is transient: spill and retry.
+        return isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError
+                          | sqlite3.InterfaceError | sqlite3.ProgrammingError
+                          | ValueError | TypeError)  # encoding: UnicodeError, orjson
+
+    async def _on(self, ex: ThreadPoolExecutor | None, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(ex, fn, *args)
+
+    async def _open(self) -> None:
+        if self._wconn is not None:
+            return
+        async with self._open_lock:
+            if self._wconn is None:
+                await self._open_locked()
+
+    async def _open_locked(self) -> None:
+        if self._wx is None:
+            self._wx = ThreadPoolExecutor(1, thread_name_prefix="audit-sqlite-w")
+            self._rx = ThreadPoolExecutor(1, thread_name_prefix="audit-sqlite-r")
+
+        def open_write() -> sqlite3.Connection:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = _connect(self.path)
+            conn.executescript(_SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO audit_schema_version VALUES (?, ?)",
+                         (_SCHEMA_VERSION, time.time()))
+            return conn
+
+        self._rconn = None
+        wconn = await self._on(self._wx, open_write)
+        self._rconn = await self._on(self._rx, _connect, self.path)
+        self._wconn = wconn  # last: it is the "opened" flag
+
+    async def _close(self) -> None:
+        if self._wconn is not None:
+            await self._on(self._wx, self._wconn.close)
+        if self._rconn is not None:
+            await self._on(self._rx, self._rconn.close)
+        self._wconn = self._rconn = None
+        for ex in (self._wx, self._rx):
+            if ex is not None:
+                ex.shutdown(wait=True)
+        self._wx = self._rx = None
+
+    async def _write(self, rows: list[Row]) -> None:
+        await self._open()
+        conn = self._wconn
+        assert conn is not None
+        dumps = orjson.dumps
+        events, channels = [], []
+        for r in rows:
+            events.append((r[0], r[1], dumps(r[2]).decode(), r[3], r[4], r[5], r[6], r[7],
+                           r[8], r[9]))
+            for ch in r[2]:
+                channels.append((r[1], ch, r[0]))
+
+        def write() -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_INSERT, events)
+                conn.executemany(_INSERT_CH, channels)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+        await self._on(self._wx, write)
+
+    async def query(self, app_id: str, channel: str | None = None, event: str | None = None,
+                    since: float | None = None, until: float | None = None, limit: int = 100,
+                    before: str | None = None) -> list[dict[str, Any]]:
+        args: list[Any]
+        if channel is not None:
+            sql = (f"{_SELECT} FROM audit_event_channels c JOIN audit_events e "
+                   "ON e.id = c.event_id WHERE c.app_id = ? AND c.channel = ?")
+            args = [app_id, channel]
+            id_col = "c.event_id"
+        else:
+            sql = f"{_SELECT} FROM audit_events e WHERE e.app_id = ?"
+            args = [app_id]
+            id_col = "e.id"
+        if event is not None:
+            sql += " AND e.name = ?"
+            args.append(event)
+        if since is not None:
+            sql += " AND e.accepted_at >= ?"
+            args.append(since)
+        if until is not None:
+            sql += " AND e.accepted_at < ?"
+            args.append(until)
+        if before is not None:
+            sql += f" AND {id_col} < ?"
+            args.append(before)
+        sql += f" ORDER BY {id_col} DESC LIMIT ?"
+        args.append(max(1, min(limit, MAX_QUERY_LIMIT)))
+        await self._open()
+        conn = self._rconn
+        assert conn is not None
+        rows = await self._on(self._rx, lambda: conn.execute(sql, args).fetchall())
+        return [_as_dict(r) for r in rows]
+
+    async def get(self, app_id: str, event_id: str) -> dict[str, Any] | None:
+        await self._open()
+        conn = self._rconn
+        assert conn is not None
+        row = await self._on(self._rx, lambda: conn.execute(
+            f"{_SELECT} FROM audit_events e WHERE e.id = ? AND e.app_id = ?",
+            (event_id, app_id)).fetchone())
+        return None if row is None else _as_dict(row)
+
+    async def apply_retention(self, now: float | None = None) -> int:
+        """Deletes rows older than retention_days in short transactions; returns how many."""
+        if self.retention_days <= 0:
+            return 0
+        await self._open()
+        conn = self._wconn
+        assert conn is not None
+        cutoff = (time.time() if now is None else now) - self.retention_days * 86_400
+
+        def delete_chunk() -> int:
+            old = conn.execute("SELECT id, app_id, channels FROM audit_events "
+                               "WHERE accepted_at < ? LIMIT ?",
+                               (cutoff, _RETENTION_CHUNK)).fetchall()
+            if not old:
+                return 0
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "DELETE FROM audit_event_channels "
+                    "WHERE app_id = ? AND channel = ? AND event_id = ?",
+                    [(app, ch, eid) for eid, app, chs in old for ch in orjson.loads(chs)])
+                conn.executemany("DELETE FROM audit_events WHERE id = ?",
+                                 [(r[0],) for r in old])
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return len(old)
+
+        total = 0
+        while n := await self._on(self._wx, delete_chunk):
+            total += n
+        return total
+
+
+def _as_dict(r: tuple[Any, ...]) -> dict[str, Any]:
+    d = dict(zip(COLUMNS, r, strict=True))
+    d["channels"] = orjson.loads(d["channels"])
+    return d

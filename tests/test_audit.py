@@ -1,0 +1,455 @@
+"""Audit log against real SQLite (tmp dir) and the real PostgreSQL on 127.0.0.1:5432.
+
+PostgreSQL outages are simulated with a TCP proxy owned by the test (cut = close every
+connection and refuse new ones) and with pg_terminate_backend on our own application_name;
+the shared server itself is never touched. Each test uses its own random schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from fastrelay.audit import AuditLog, open_audit
+from fastrelay.audit.spill import SpillFile
+from fastrelay.events import Event
+
+PG_URL = os.environ.get("FASTRELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+DAY = 86_400
+
+
+class PgProxy:
+    """A TCP proxy in front of PostgreSQL that the test can cut and restore."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.stalled = False  # connections stay open but no byte gets through
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                if self.stalled:
+                    continue
+                w.write(data)
+                await w.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            w.close()
+
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        if not self.up:
+            cw.transport.abort()
+            return
+        try:
+            ur, uw = await asyncio.open_connection(PG_HOST, PG_PORT)
+        except OSError:
+            cw.transport.abort()
+            return
+        self._conns.update((cw, uw))
+        try:
+            await asyncio.gather(self._pipe(cr, uw), self._pipe(ur, cw))
+        finally:
+            self._conns.difference_update((cw, uw))
+
+    def cut(self) -> None:
+        self.up = False
+        for w in list(self._conns):
+            w.transport.abort()  # RST, like a dead network path or a crashed server
+
+    def restore(self) -> None:
+        self.up = True
+        self.stalled = False
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[PgProxy]:
+    p = PgProxy()
+    await p.start()
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+async def pg_schema() -> AsyncIterator[str]:
+    schema = "audit_test_" + os.urandom(5).hex()
+    yield schema
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
+
+
+MakeLog = Callable[..., AuditLog]
+PG_ONLY = pytest.mark.parametrize("make_log", ["postgres"], indirect=True)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def make_log(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str,
+                   proxy: PgProxy) -> AsyncIterator[MakeLog]:
+    """Factory for audit logs of the parametrized backend; all are closed afterwards."""
+    logs: list[AuditLog] = []
+
+    def make(via_proxy: bool = False, data_dir: Path | None = None, **kw: Any) -> AuditLog:
+        kw.setdefault("maintenance_interval", 0)
+        if request.param == "postgres":
+            url = (f"postgresql://postgres@127.0.0.1:{proxy.port}/test" if via_proxy
+                   else PG_URL)
+            kw.setdefault("application_name", pg_schema)
+            kw.setdefault("connect_timeout", 1.0)
+            log = open_audit(url, data_dir or tmp_path, schema=pg_schema, **kw)
+        else:
+            log = open_audit(None, data_dir or tmp_path, **kw)
+        logs.append(log)
+        return log
+
+    make.backend = request.param  # type: ignore[attr-defined]
+    yield make
+    for log in logs:
+        await log.close()
+
+
+def ev(app: str = "app", channels: list[str] | None = None, name: str = "e", i: int = 0,
+       accepted_at: float | None = None) -> Event:
+    e = Event(app, channels or ["c"], name, f'{{"i":{i}}}', socket_id="1.2", source="api")
+    if accepted_at is not None:
+        e.accepted_at = accepted_at
+    return e
+
+
+async def count_all(log: AuditLog, app: str = "app") -> list[str]:
+    """All ids of an app, oldest first, walking pages."""
+    out: list[str] = []
+    before = None
+    while True:
+        page = await log.query(app, limit=1000, before=before)
+        if not page:
+            return out[::-1]
+        out.extend(r["id"] for r in page)
+        before = page[-1]["id"]
+
+
+async def test_round_trip_filters_and_pagination(make_log: MakeLog) -> None:
+    log = make_log()
+    await log.start()
+    t0 = time.time() - 100
+    events = []
+    for i in range(30):
+        e = ev(channels=["a", "b"] if i % 3 == 0 else ["b"], name="x" if i % 2 else "y", i=i,
+               accepted_at=t0 + i)
+        events.append(e)
+        assert log.record(e)
+    other = ev(app="other", channels=["a"])
+    assert log.record(other)
+    original = events[5]
+    replay = Event("app", ["b"], "y", original.data, source="replay")
+    assert log.record(replay, replay_of=original.id)
+    await log.flush()
+    assert log.queue_depth == 0
+    assert log.stats.rows_written == 32 and log.stats.batches >= 1
+
+    ids = [e.id for e in events] + [replay.id]
+    rows = await log.query("app", limit=1000)
+    assert [r["id"] for r in rows] == ids[::-1]
+    first = await log.get("app", events[0].id)
+    assert first is not None
+    assert first["channels"] == ["a", "b"] and first["name"] == "y"
+    assert first["data"] == '{"i":0}' and first["socket_id"] == "1.2"
+    assert first["source"] == "api" and first["replay_of"] is None
+    assert abs(first["accepted_at"] - t0) < 1e-3
+    got = await log.get("app", replay.id)
+    assert got is not None and got["replay_of"] == original.id and got["source"] == "replay"
+    assert await log.get("other", events[0].id) is None  # ids are scoped by app
+    assert await log.get("app", "nope") is None
+
+    # channel, event name and time filters
+    a = await log.query("app", channel="a")
+    assert [r["id"] for r in a] == [e.id for e in events if "a" in e.channels][::-1]
+    assert [r["id"] for r in await log.query("other", channel="a")] == [other.id]
+    x = await log.query("app", event="x")
+    assert [r["id"] for r in x] == [e.id for e in events if e.name == "x"][::-1]
+    ay = await log.query("app", channel="a", event="y")
+    assert [r["id"] for r in ay] == [e.id for e in events if e.name == "y" and
+                                     "a" in e.channels][::-1]
+    window = await log.query("app", since=t0 + 10, until=t0 + 20)
+    assert [r["id"] for r in window] == [e.id for e in events[10:20]][::-1]
+    assert await log.query("app", channel="zzz") == []
+
+    # pagination by id cursor, with and without a filter
+    seen, before = [], None
+    while page := await log.query("app", limit=7, before=before):
+        assert len(page) <= 7
+        seen.extend(r["id"] for r in page)
+        before = page[-1]["id"]
+    assert seen == ids[::-1]
+    seen, before = [], None
+    while page := await log.query("app", channel="b", limit=4, before=before):
+        seen.extend(r["id"] for r in page)
+        before = page[-1]["id"]
+    assert seen == [e.id for e in events if "b" in e.channels][::-1] or \
+        seen == ([replay.id] + [e.id for e in events if "b" in e.channels][::-1])
+    assert seen[0] == replay.id
+
+
+async def test_record_refuses_when_queue_full(make_log: MakeLog) -> None:
+    log = make_log(queue_size=5)
+    await log.start()
+    # No await between records: the writer cannot drain, so the bound is hit exactly.
+    assert all(log.record(ev(i=i)) for i in range(5))
+    assert log.queue_depth == 5
+    assert log.record(ev(i=5)) is False
+    assert log.stats.refused == 1
+    await log.flush()
+    assert log.queue_depth == 0
+    assert log.record(ev(i=6))
+    await log.flush()
+    assert len(await count_all(log)) == 6
+
+
+async def test_same_event_twice_stored_once(make_log: MakeLog) -> None:
+    log = make_log()
+    await log.start()
+    e = ev()
+    assert log.record(e)
+    await log.flush()
+    assert log.record(e)  # e.g. a batch retried after an ambiguous timeout
+    await log.flush()
+    assert await count_all(log) == [e.id]
+    assert log.stats.rows_written == 2  # both attempts committed, the second inserted nothing
+
+
+async def test_close_flushes(make_log: MakeLog, tmp_path: Path) -> None:
+    log = make_log(flush_interval=10.0, batch_rows=100_000)  # only close() will write
+    await log.start()
+    events = [ev(i=i) for i in range(500)]
+    for e in events:
+        assert log.record(e)
+    await log.close()
+    assert log.record(ev()) is False  # closed logs refuse
+    log2 = make_log()
+    await log2.start()
+    assert await count_all(log2) == [e.id for e in events]
+
+
+async def test_leftover_spill_is_replayed_on_start(make_log: MakeLog, tmp_path: Path) -> None:
+    events = [ev(i=i, channels=["s"]) for i in range(250)]
+    rows = [[e.id, e.app_id, e.channels, e.name, e.data, e.socket_id, e.source,
+             e.accepted_at, e.user_id, None] for e in events]
+    spill = SpillFile(tmp_path / "audit.spill")
+    spill.open()
+    for i in range(0, 250, 100):
+        spill.append(rows[i:i + 100])
+    spill.append(rows[:10])  # a frame that was already written: must not duplicate
+    spill.close()
+    with open(tmp_path / "audit.spill", "ab") as f:
+        f.write(b"\x00\x00\x01\x00torn")  # crash mid-append
+    log = make_log()
+    await log.start()
+    assert log.spill_pending_rows == 260
+    assert await log.wait_written_back(timeout=10)
+    assert await count_all(log) == [e.id for e in events]
+    assert (tmp_path / "audit.spill").stat().st_size == 0
+    assert log.stats.replayed_rows == 260
+    assert list(tmp_path.glob("audit.spill.bad-*"))  # the torn tail is kept for a human
+
+
+async def test_retention(make_log: MakeLog) -> None:
+    log = make_log(retention_days=7)
+    await log.start()
+    now = time.time()
+    old = [ev(i=i, accepted_at=now - 10 * DAY + i) for i in range(5)]
+    new = [ev(i=i, accepted_at=now - 1 * DAY + i) for i in range(5)]
+    for e in old + new:
+        assert log.record(e)
+    await log.flush()
+    assert len(await count_all(log)) == 10
+    if make_log.backend == "postgres":  # type: ignore[attr-defined]
+        parts = await log.partitions()  # type: ignore[attr-defined]
+        assert len(parts) >= 5  # yesterday, today, ahead, and the old day
+        dropped = await log.apply_retention(now=now)
+        assert dropped == 1
+        after = await log.partitions()  # type: ignore[attr-defined]
+        assert len(after) == len(parts) - 1
+        old_day = time.strftime("%Y%m%d", time.gmtime(now - 10 * DAY))
+        assert not any(p.endswith(old_day) for p in after)
+    else:
+        assert await log.apply_retention(now=now) == 5
+    assert await count_all(log) == [e.id for e in new]
+    assert await log.query("app", channel="c") != []
+    # nothing older than retention left, so a second pass is a no-op
+    assert await log.apply_retention(now=now) == 0
+
+
+async def _stream(log: AuditLog, n: int, sent: list[Event], rate_sleep: float = 0.001) -> None:
+    for i in range(n):
+        e = ev(i=i, channels=["s", f"s{i % 3}"])
+        assert log.record(e)
+        sent.append(e)
+        if i % 20 == 0:
+            await asyncio.sleep(rate_sleep)
+
+
+@PG_ONLY
+async def test_pg_outage_via_proxy_then_back(make_log: MakeLog, proxy: PgProxy) -> None:
+    log = make_log(via_proxy=True, retry_interval=0.05, max_retry_interval=0.2)
+    await log.start()
+    sent: list[Event] = []
+    task = asyncio.create_task(_stream(log, 3000, sent))
+    while len(sent) < 800:
+        await asyncio.sleep(0.005)
+    proxy.cut()
+    while len(sent) < 2000:
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.3)  # a few retries fail while the proxy refuses
+    spilled_during_outage = log.stats.spilled_rows
+    proxy.restore()
+    await task
+    assert await log.wait_written_back(timeout=20)
+    assert spilled_during_outage > 0
+    assert log.stats.replayed_rows > 0 and log.spill_pending_rows == 0
+    assert log.healthy
+    # every event exactly once, ids in recording order
+    assert await count_all(log) == [e.id for e in sent]
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        n, distinct = await conn.fetchrow(
+            f"SELECT count(*), count(DISTINCT id) FROM {log.schema}.audit_events")  # type: ignore[attr-defined]
+    finally:
+        await conn.close()
+    assert n == distinct == 3000
+
+
+@PG_ONLY
+async def test_pg_backends_terminated(make_log: MakeLog) -> None:
+    log = make_log(retry_interval=0.05, max_retry_interval=0.2)
+    await log.start()
+    app_name = log.application_name  # type: ignore[attr-defined]
+    sent: list[Event] = []
+    task = asyncio.create_task(_stream(log, 2000, sent))
+    killer = await asyncpg.connect(PG_URL)
+    try:
+        for _ in range(3):
+            while len(sent) < 500 * (_ + 1):
+                await asyncio.sleep(0.002)
+            await killer.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = $1", app_name)
+    finally:
+        await killer.close()
+    await task
+    assert await log.wait_written_back(timeout=20)
+    assert await count_all(log) == [e.id for e in sent]
+
+
+@PG_ONLY
+async def test_pg_down_at_start_spills_then_writes_back(make_log: MakeLog,
+                                                        proxy: PgProxy) -> None:
+    proxy.cut()
+    log = make_log(via_proxy=True, retry_interval=0.05, max_retry_interval=0.2)
+    await log.start()  # does not fail: events are kept on disk meanwhile
+    assert not log.healthy
+    events = [ev(i=i) for i in range(100)]
+    for e in events:
+        assert log.record(e)
+    await log.flush()  # durable in the spill file
+    assert log.spill_pending_rows == 100
+    proxy.restore()
+    assert await log.wait_written_back(timeout=20)
+    assert await count_all(log) == [e.id for e in events]
+
+
+@PG_ONLY
+async def test_close_while_pg_down_keeps_spill_for_next_start(make_log: MakeLog,
+                                                              proxy: PgProxy,
+                                                              tmp_path: Path) -> None:
+    log = make_log(via_proxy=True, retry_interval=5, max_retry_interval=5)
+    await log.start()
+    proxy.cut()
+    events = [ev(i=i) for i in range(50)]
+    for e in events:
+        assert log.record(e)
+    await log.close()
+    assert (tmp_path / "audit.spill").stat().st_size > 0
+    proxy.restore()
+    log2 = make_log()
+    await log2.start()
+    assert await log2.wait_written_back(timeout=20)
+    assert await count_all(log2) == [e.id for e in events]
+
+
+async def test_pg_nul_in_data_is_stored(make_log: MakeLog) -> None:
+    log = make_log()
+    await log.start()
+    e = Event("app", ["c"], "n", "a\x00b")
+    assert log.record(e)
+    await log.flush()
+    row = await log.get("app", e.id)
+    assert row is not None and row["data"] in ("a\x00b", "a\ufffdb")
+    assert log.stats.rejected_rows == 0
+
+
+async def test_invalid_rows_are_rejected_not_blocking(make_log: MakeLog,
+                                                       tmp_path: Path) -> None:
+    log = make_log()
+    await log.start()
+    good = [ev(i=i) for i in range(20)]
+    surrogate = Event("app", ["c"], "n", "bad \ud800 data")  # no UTF-8 encoding exists
+    malformed = Event("app", None, "n", "x")  # type: ignore[arg-type]
+    for e in good[:10] + [surrogate, malformed] + good[10:]:
+        assert log.record(e)
+    await log.flush()
+    assert await count_all(log) == [e.id for e in good]
+    assert log.stats.rejected_rows == 2
+    lines = (tmp_path / "audit.rejected.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and any(surrogate.id in line for line in lines)
+    assert log.healthy  # later events still go straight to the database
+    later = ev()
+    log.record(later)
+    await log.flush()
+    assert await log.get("app", later.id) is not None
+
+
+@PG_ONLY
+async def test_pg_stalled_network_times_out_and_spills(make_log: MakeLog,
+                                                       proxy: PgProxy) -> None:
+    log = make_log(via_proxy=True, write_timeout=0.5, retry_interval=0.05,
+                   max_retry_interval=0.2)
+    await log.start()
+    before = [ev(i=i) for i in range(10)]
+    for e in before:
+        log.record(e)
+    await log.flush()
+    proxy.stalled = True  # a partition: no RST, packets just vanish
+    during = [ev(i=i) for i in range(10, 110)]
+    for e in during:
+        assert log.record(e)
+    t0 = time.monotonic()
+    await log.flush()  # bounded by write_timeout, then durable in the spill file
+    assert time.monotonic() - t0 < 5
+    assert log.stats.spilled_rows >= 100 and log.stats.write_errors >= 1
+    proxy.cut()  # drop the stalled connections, as TCP keepalive eventually would
+    proxy.restore()
+    assert await log.wait_written_back(timeout=20)
+    assert await count_all(log) == [e.id for e in before + during]
