@@ -26,6 +26,9 @@ class Config:
     redis_url: str = ""
     database_url: str = ""
     key_prefix: str = "fastrelay"
+    cluster_secret: str = ""  # keys bus MACs and idempotency hashes; generated if empty
+    audit: bool = True
+    audit_retention_days: float = 7.0
     log_level: str = "info"
     log_format: str = "text"  # text | json
     # timeouts, seconds

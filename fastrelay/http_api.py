@@ -23,11 +23,18 @@ MAX_EVENT_NAME = 200
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None):
+    """An answer other than success: JSON {"error": message, **body} with the status."""
+
+    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None,
+                 body: dict[str, Any] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers
+        self.body = body
+
+    def payload(self) -> dict[str, Any]:
+        return {"error": self.message, **(self.body or {})}
 
 
 def reply(conn: Conn, req: Request, status: int, body: Any,
@@ -61,13 +68,12 @@ class HttpApi:
                 if self.node.draining:
                     raise HttpError(503, "draining")
                 reply(conn, req, 200, {"ready": True})
+            elif path.startswith("/api/"):
+                self.node.intake.handle(conn, req)
             else:
-                extra = getattr(self.node, "routes", {}).get(path)
-                if extra is None:
-                    raise HttpError(404, f"no route for {path[:100]}")
-                extra(conn, req)
+                raise HttpError(404, f"no route for {path[:100]}")
         except HttpError as e:
-            reply(conn, req, e.status, {"error": e.message}, e.headers)
+            reply(conn, req, e.status, e.payload(), e.headers)
 
     # ------------------------------------------------------------------ WebSocket
 
@@ -182,17 +188,17 @@ class HttpApi:
                 out["subscription_count"] = self.node.subscription_count(app.id, channel)
         return out
 
-    def _accept(self, events: list[Event]) -> None:
-        gate = getattr(self.node, "gate", None)
-        if gate is not None:
-            gate(events)  # rate limits (raises HttpError 429)
+    def _accept(self, app: App, events: list[Event]) -> None:
+        """The same gate and audit as intake: rate limit (429), then audit and bus (or 503)."""
+        self.node.intake.gate(app, len(events))
         if not self.node.accept(events):
             raise HttpError(503, "the audit queue is full; retry shortly", [("Retry-After", "1")])
+        self.node.intake.accepted(events)
 
     def trigger(self, conn: Conn, req: Request, app: App, params: dict, arg: Any) -> None:
         event, attrs = self._event(app, self._json(req), batch=False)
         # answer first: the publisher should not wait for the fan-out
-        self._accept([event])
+        self._accept(app, [event])
         if attrs:
             reply(conn, req, 200, {"channels": {c: self._info(app, c, attrs) for c in event.channels}})
         else:
@@ -209,7 +215,7 @@ class HttpApi:
             if not isinstance(item, dict):
                 raise HttpError(400, "each batch item must be an object")
             parsed.append(self._event(app, item, batch=True))
-        self._accept([ev for ev, _ in parsed])
+        self._accept(app, [ev for ev, _ in parsed])
         if any(attrs for _, attrs in parsed):
             reply(conn, req, 200, {"batch": [self._info(app, ev.channels[0], attrs)
                                              for ev, attrs in parsed]})

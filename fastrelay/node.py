@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .audit import AuditLog
     from .bus import Bus
     from .config import Config
+    from .intake import Intake
 
 log = logging.getLogger("fastrelay.node")
 
@@ -58,6 +59,7 @@ class Node:
         self.caches: dict[tuple[str, str], tuple[bytes, float, Event]] = {}
         self.protocol = PusherProtocol(self)
         self.http = HttpApi(self)
+        self.intake: Intake = None  # type: ignore[assignment]  # set by server.serve
         self.stats = Stats()
         self.draining = False
         self._count_dirty: set[_core.Channel] = set()
