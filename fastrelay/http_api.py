@@ -42,6 +42,23 @@ def reply(conn: Conn, req: Request, status: int, body: Any,
     conn.respond(status, orjson.dumps(body), b"application/json", headers, req.keep_alive)
 
 
+def answer_later(node: Node, conn: Conn, req: Request, coro: Any) -> None:
+    """Answers from a task (a query that awaits Redis or the database); the connection reads
+    nothing more until then, so pipelined answers stay in order."""
+    conn.hold()
+
+    async def run() -> None:
+        try:
+            await coro
+        except HttpError as e:
+            reply(conn, req, e.status, e.payload(), e.headers)
+        except Exception:
+            log.exception("HTTP handler failed", extra={"path": req.path})
+            reply(conn, req, 500, {"error": "internal error"})
+
+    node.loop.create_task(run())
+
+
 class HttpApi:
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -57,23 +74,42 @@ class HttpApi:
 
     def handle(self, conn: Conn, req: Request) -> None:
         path = req.path
+        ops = getattr(self.node, "ops", None)  # metrics.Ops, set by server.serve
+        status = 200  # counted per route; answers sent later from a task count as 200
         try:
             if path.startswith("/app/"):
+                status = 101
                 self.upgrade(conn, req)
             elif path.startswith("/apps/"):
                 self.api(conn, req)
             elif path == "/up":
                 conn.respond(200, b"OK", b"text/plain", None, req.keep_alive)
             elif path == "/ready":
-                if self.node.draining:
-                    raise HttpError(503, "draining")
-                reply(conn, req, 200, {"ready": True})
+                if ops is None:
+                    if self.node.draining:
+                        raise HttpError(503, "draining")
+                    reply(conn, req, 200, {"ready": True})
+                else:
+                    ops.serve_ready(conn, req)
+            elif path == "/metrics" and ops is not None and not self.node.cfg.metrics_port:
+                ops.serve_metrics(conn, req)
+            elif (path == "/console" or path.startswith("/console/")) and ops is not None:
+                ops.console_handler().handle(conn, req)
             elif path.startswith("/api/"):
+                if req.method == "POST" and path.rstrip("/") == "/api/events":
+                    status = 202
                 self.node.intake.handle(conn, req)
             else:
                 raise HttpError(404, f"no route for {path[:100]}")
         except HttpError as e:
+            status = e.status
             reply(conn, req, e.status, e.payload(), e.headers)
+        except BaseException:
+            status = 500
+            raise
+        finally:
+            if ops is not None:
+                ops.count_http(req, status)
 
     # ------------------------------------------------------------------ WebSocket
 
@@ -178,14 +214,17 @@ class HttpApi:
         return Event(app_id=app.id, channels=chans, name=name, data=data, socket_id=socket_id,
                      source="api"), attrs
 
-    def _info(self, app: App, channel: str, attrs: list[str]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for a in attrs:
-            if a == "user_count":
-                if kinds.kind_of(channel) & kinds.PRESENCE:
-                    out["user_count"] = self.node.user_count(app.id, channel)
-            else:
-                out["subscription_count"] = self.node.subscription_count(app.id, channel)
+    async def _info(self, app: App, channels: list[str], attrs: list[str]) -> dict[str, dict[str, int]]:
+        """user_count / subscription_count per channel, cluster-wide."""
+        counts = await self.node.channel_counts(app.id) if "subscription_count" in attrs else {}
+        out: dict[str, dict[str, int]] = {}
+        for ch in channels:
+            info: dict[str, int] = {}
+            if "user_count" in attrs and kinds.kind_of(ch) & kinds.PRESENCE:
+                info["user_count"] = len(await self.node.roster(app.id, ch))
+            if "subscription_count" in attrs:
+                info["subscription_count"] = counts.get(ch, 0)
+            out[ch] = info
         return out
 
     def _accept(self, app: App, events: list[Event]) -> None:
@@ -200,9 +239,13 @@ class HttpApi:
         # answer first: the publisher should not wait for the fan-out
         self._accept(app, [event])
         if attrs:
-            reply(conn, req, 200, {"channels": {c: self._info(app, c, attrs) for c in event.channels}})
+            answer_later(self.node, conn, req, self._trigger_info(conn, req, app, event, attrs))
         else:
             conn.respond(200, b"{}", b"application/json", None, req.keep_alive)
+
+    async def _trigger_info(self, conn: Conn, req: Request, app: App, event: Event,
+                            attrs: list[str]) -> None:
+        reply(conn, req, 200, {"channels": await self._info(app, event.channels, attrs)})
 
     def batch(self, conn: Conn, req: Request, app: App, params: dict, arg: Any) -> None:
         items = self._json(req).get("batch")
@@ -217,10 +260,16 @@ class HttpApi:
             parsed.append(self._event(app, item, batch=True))
         self._accept(app, [ev for ev, _ in parsed])
         if any(attrs for _, attrs in parsed):
-            reply(conn, req, 200, {"batch": [self._info(app, ev.channels[0], attrs)
-                                             for ev, attrs in parsed]})
+            answer_later(self.node, conn, req, self._batch_info(conn, req, app, parsed))
         else:
             conn.respond(200, b"{}", b"application/json", None, req.keep_alive)
+
+    async def _batch_info(self, conn: Conn, req: Request, app: App,
+                          parsed: list[tuple[Event, list[str]]]) -> None:
+        out = []
+        for ev, attrs in parsed:
+            out.append((await self._info(app, ev.channels, attrs))[ev.channels[0]] if attrs else {})
+        reply(conn, req, 200, {"batch": out})
 
     def channels(self, conn: Conn, req: Request, app: App, params: dict, arg: Any) -> None:
         prefix = params.get("filter_by_prefix", "")
@@ -230,38 +279,45 @@ class HttpApi:
                 raise HttpError(400, "info=user_count needs filter_by_prefix=presence-")
             if a not in ("user_count", "subscription_count"):
                 raise HttpError(400, f"unknown info attribute {a[:40]!r}")
-        out = {ch.name: self._info(app, ch.name, attrs)
-               for ch in self.node.occupied_channels(app.id, prefix)}
-        reply(conn, req, 200, {"channels": out})
+        answer_later(self.node, conn, req, self._channels(conn, req, app, prefix, attrs))
+
+    async def _channels(self, conn: Conn, req: Request, app: App, prefix: str, attrs: list[str]) -> None:
+        names = list(await self.node.channel_counts(app.id, prefix))
+        reply(conn, req, 200, {"channels": await self._info(app, names, attrs)})
 
     def channel(self, conn: Conn, req: Request, app: App, params: dict, name: str) -> None:
         problem = kinds.name_error(name)
         if problem is not None:
             raise HttpError(400, problem)
         attrs = [a for a in params.get("info", "").split(",") if a]
-        count = self.node.subscription_count(app.id, name)
-        out: dict[str, Any] = {"occupied": count > 0}
         for a in attrs:
-            if a == "user_count":
-                if not kinds.kind_of(name) & kinds.PRESENCE:
-                    raise HttpError(400, "user_count is only available on presence channels")
-                out["user_count"] = self.node.user_count(app.id, name)
-            elif a == "subscription_count":
-                out["subscription_count"] = count
-            elif a == "cache":
-                cached = self.node.cached_event(app.id, name)
-                if cached is not None:
-                    ev, ttl = cached
-                    out["cache"] = {"event": ev.name, "data": ev.data, "ttl": int(ttl)}
-            else:
+            if a == "user_count" and not kinds.kind_of(name) & kinds.PRESENCE:
+                raise HttpError(400, "user_count is only available on presence channels")
+            if a not in ("user_count", "subscription_count", "cache"):
                 raise HttpError(400, f"unknown info attribute {a[:40]!r}")
+        answer_later(self.node, conn, req, self._channel(conn, req, app, name, attrs))
+
+    async def _channel(self, conn: Conn, req: Request, app: App, name: str, attrs: list[str]) -> None:
+        count = (await self.node.channel_counts(app.id, name)).get(name, 0)
+        out: dict[str, Any] = {"occupied": count > 0}
+        if "user_count" in attrs:
+            out["user_count"] = len(await self.node.roster(app.id, name))
+        if "subscription_count" in attrs:
+            out["subscription_count"] = count
+        if "cache" in attrs:
+            cached = self.node.cached_event(app.id, name)
+            if cached is not None:
+                ev, ttl = cached
+                out["cache"] = {"event": ev.name, "data": ev.data, "ttl": int(ttl)}
         reply(conn, req, 200, out)
 
     def users(self, conn: Conn, req: Request, app: App, params: dict, name: str) -> None:
         if not kinds.kind_of(name) & kinds.PRESENCE:
             raise HttpError(400, "users are only listed for presence channels")
-        reply(conn, req, 200, {"users": [{"id": uid} for uid in
-                                         self.node.presence_users(app.id, name)]})
+        answer_later(self.node, conn, req, self._users(conn, req, app, name))
+
+    async def _users(self, conn: Conn, req: Request, app: App, name: str) -> None:
+        reply(conn, req, 200, {"users": [{"id": uid} for uid in await self.node.roster(app.id, name)]})
 
     def terminate(self, conn: Conn, req: Request, app: App, params: dict, user_id: str) -> None:
         self.node.terminate_user(app.id, user_id)

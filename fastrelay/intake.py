@@ -19,7 +19,7 @@ from . import channels as kinds
 from ._core import Conn, Request, parse_query, unquote, verify_hmac
 from .apps import App
 from .events import Event, new_event_id
-from .http_api import MAX_EVENT_NAME, HttpError, reply
+from .http_api import MAX_EVENT_NAME, HttpError, answer_later, reply
 from .idempotency import IdempotencyStore, RedisIdempotencyStore
 from .protocol import valid_socket_id
 from .ratelimit import RateLimiter
@@ -82,19 +82,7 @@ class Intake:
         raise HttpError(404, f"no route for {req.path[:100]}")
 
     def spawn(self, conn: Conn, req: Request, coro: Any) -> None:
-        """Answers later, from a task; the connection reads nothing more until then."""
-        conn.hold()
-
-        async def run() -> None:
-            try:
-                await coro
-            except HttpError as e:
-                reply(conn, req, e.status, e.payload(), e.headers)
-            except Exception:
-                log.exception("intake request failed", extra={"path": req.path})
-                reply(conn, req, 500, {"error": "internal error"})
-
-        self.node.loop.create_task(run())
+        answer_later(self.node, conn, req, coro)
 
     # ------------------------------------------------------------------ authentication
 

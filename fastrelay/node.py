@@ -21,6 +21,7 @@ from .protocol import PusherProtocol, message
 if TYPE_CHECKING:
     from .audit import AuditLog
     from .bus import Bus
+    from .cluster import Cluster
     from .config import Config
     from .intake import Intake
 
@@ -60,6 +61,7 @@ class Node:
         self.protocol = PusherProtocol(self)
         self.http = HttpApi(self)
         self.intake: Intake = None  # type: ignore[assignment]  # set by server.serve
+        self.cluster: Cluster | None = None  # cluster-wide state when redis_url is set
         self.stats = Stats()
         self.draining = False
         self._count_dirty: set[_core.Channel] = set()
@@ -96,14 +98,25 @@ class Node:
         self.sockets[conn.socket_id] = conn
         self.app_counts[conn.app.id] += 1
         self.stats.connections_opened += 1
+        if self.cluster is not None:
+            self.cluster.conns_changed(conn.app.id)
 
     def unregister(self, conn: _core.Conn) -> None:
         if self.sockets.pop(conn.socket_id, None) is not None:
             self.app_counts[conn.app.id] -= 1
+            if self.cluster is not None:
+                self.cluster.conns_changed(conn.app.id)
         if conn.user_id is not None:
             self.sign_out(conn)
 
     def app_connections(self, app_id: str) -> int:
+        """Connections of an app on this node."""
+        return self.app_counts.get(app_id, 0)
+
+    def cluster_app_connections(self, app_id: str) -> int:
+        """Connections of an app across the cluster (as of the last count flush)."""
+        if self.cluster is not None:
+            return self.cluster.app_connections(app_id)
         return self.app_counts.get(app_id, 0)
 
     def websocket_count(self) -> int:
@@ -158,7 +171,12 @@ class Node:
             for w in watchers:
                 w.send(frame)
 
-    def terminate_user(self, app_id: str, user_id: str) -> int:
+    def terminate_user(self, app_id: str, user_id: str) -> None:
+        self.terminate_local(app_id, user_id)
+        if self.cluster is not None:
+            self.cluster.terminate_user(app_id, user_id)
+
+    def terminate_local(self, app_id: str, user_id: str) -> int:
         conns = list(self.users.get((app_id, user_id), ()))
         for conn in conns:
             self.protocol.refuse(conn, 4009, "You got disconnected by the app.")
@@ -233,6 +251,8 @@ class Node:
 
     def on_vacated(self, ch: _core.Channel) -> None:
         self._count_dirty.discard(ch)
+        if self.cluster is not None:
+            self.cluster.subs_changed(ch.app_id, ch.name)
 
     def on_member_added(self, ch: _core.Channel, user_id: str) -> None:
         pass
@@ -244,6 +264,8 @@ class Node:
         pass
 
     def on_subscription_change(self, ch: _core.Channel) -> None:
+        if self.cluster is not None:
+            self.cluster.subs_changed(ch.app_id, ch.name)
         if ch.roster is not None:
             return  # presence channels report members instead
         app = self.apps.by_id(ch.app_id)
@@ -263,20 +285,22 @@ class Node:
 
     # ------------------------------------------------------------------ queries (HTTP API)
 
-    def subscription_count(self, app_id: str, name: str) -> int:
-        ch = self.channels.get(app_id, name)
-        return len(ch.members) if ch is not None else 0
+    # Cluster-wide answers for the HTTP API: from Redis when clustered, else local tables.
 
-    def user_count(self, app_id: str, name: str) -> int:
-        ch = self.channels.get(app_id, name)
-        return len(ch.roster) if ch is not None and ch.roster is not None else 0
+    async def channel_counts(self, app_id: str, prefix: str = "") -> dict[str, int]:
+        if self.cluster is not None:
+            counts = await self.cluster.channel_counts(app_id)
+            return {k: v for k, v in counts.items() if k.startswith(prefix)}
+        return {ch.name: len(ch.members) for ch in self.channels.of_app(app_id)
+                if ch.name.startswith(prefix)}
 
-    def presence_users(self, app_id: str, name: str) -> list[str]:
+    async def roster(self, app_id: str, name: str) -> dict[str, Any]:
+        if self.cluster is not None:
+            return await self.cluster.roster(app_id, name)
         ch = self.channels.get(app_id, name)
-        return list(ch.roster) if ch is not None and ch.roster is not None else []
-
-    def occupied_channels(self, app_id: str, prefix: str = "") -> list[_core.Channel]:
-        return [ch for ch in self.channels.of_app(app_id) if ch.name.startswith(prefix)]
+        if ch is None or ch.roster is None:
+            return {}
+        return {uid: entry[1] for uid, entry in ch.roster.items()}
 
     # ------------------------------------------------------------------ lifecycle
 

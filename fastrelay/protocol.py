@@ -71,14 +71,14 @@ class PusherProtocol:
         version = params.get("protocol")
         if version is None:
             return self.refuse(conn, 4008, "No protocol version supplied")
-        if not version.isdigit():
+        if not (version.isascii() and version.isdigit()):  # '²'.isdigit(), but int('²') raises
             return self.refuse(conn, 4006, "Invalid version string format")
         if int(version) not in SUPPORTED_PROTOCOLS:
             return self.refuse(conn, 4007, f"Unsupported protocol version {version}")
         if not app.origin_allowed(origin):
             return self.refuse(conn, 4009, "Origin not allowed")
         node = self.node
-        if app.max_connections and node.app_connections(app.id) >= app.max_connections:
+        if app.max_connections and node.cluster_app_connections(app.id) >= app.max_connections:
             return self.refuse(conn, 4004, "App is over its connection quota")
         if node.cfg.max_connections and node.websocket_count() > node.cfg.max_connections:
             return self.refuse(conn, 4100, "Over capacity")
@@ -190,6 +190,9 @@ class PusherProtocol:
                 if parsed is None:
                     return
                 user_id, user_info = parsed
+                if node.cluster is not None:
+                    node.loop.create_task(self._cluster_presence(conn, name, user_id, user_info))
+                    return
         ch, created = node.channels.get_or_create(app.id, name)
         if kind & kinds.PRESENCE:
             roster = ch.roster
@@ -213,7 +216,14 @@ class PusherProtocol:
         else:
             conn.channels.append(ch)
         conn.send(self._succeeded(ch, name))
-        if kind & kinds.CACHE:
+        self._subscribed(conn, ch, created)
+
+    def _subscribed(self, conn: Conn, ch: Channel, created: bool) -> None:
+        """What follows a confirmed subscription: the cache, and the channel's edges."""
+        node = self.node
+        app: App = conn.app
+        name = ch.name
+        if ch.kind & kinds.CACHE:
             cached = node.cached(app.id, name)
             if cached is not None:
                 conn.send(cached)
@@ -227,12 +237,47 @@ class PusherProtocol:
     def _succeeded(self, ch: Channel, name: str) -> bytes:
         if ch.roster is None:
             return message("pusher_internal:subscription_succeeded", None, name)
-        roster = ch.roster
+        return self._presence_succeeded(name, {uid: e[1] for uid, e in ch.roster.items()})
+
+    @staticmethod
+    def _presence_succeeded(name: str, members: dict[str, Any]) -> bytes:
         return message("pusher_internal:subscription_succeeded", {"presence": {
-            "ids": list(roster),
-            "hash": {uid: entry[1] for uid, entry in roster.items()},
-            "count": len(roster),
+            "ids": list(members), "hash": members, "count": len(members),
         }}, name)
+
+    async def _cluster_presence(self, conn: Conn, name: str, user_id: str, info: Any) -> None:
+        """Presence across nodes: Redis holds the roster; member events go over the bus."""
+        node = self.node
+        cluster = node.cluster
+        app: App = conn.app
+        here = node.channels.get(app.id, name)
+        if here is not None and user_id in here.roster:  # this node already holds the user
+            status, members = 0, await cluster.roster(app.id, name)
+        else:
+            status, members = await cluster.join(app.id, name, user_id, info, conn.socket_id)
+        if status < 0:
+            self.subscription_error(conn, name, "LimitReached", "The presence channel is full", 4100)
+            return
+        ch, created = node.channels.get_or_create(app.id, name)
+        if not conn.is_websocket or conn in ch.members:  # gone (or doubled) while we waited
+            if user_id not in ch.roster:
+                cluster.leave(app.id, name, user_id)
+            node.channels.remove_if_empty(ch)
+            return
+        entry = ch.roster.get(user_id)
+        if entry is None:
+            ch.roster[user_id] = [1, info]
+        else:
+            entry[0] += 1
+            entry[1] = info
+        ch.members[conn] = user_id
+        if conn.channels is None:
+            conn.channels = [ch]
+        else:
+            conn.channels.append(ch)
+        members[user_id] = info
+        conn.send(self._presence_succeeded(name, members))
+        self._subscribed(conn, ch, created)
 
     def _presence_member(self, conn: Conn, name: str, channel_data: str,
                          app: App) -> tuple[str, Any] | None:
@@ -275,9 +320,12 @@ class PusherProtocol:
                 entry[0] -= 1
                 if entry[0] <= 0:
                     del ch.roster[user_id]
-                    ch.fanout(message("pusher_internal:member_removed",
-                                      {"user_id": user_id}, ch.name))
-                    node.on_member_removed(ch, user_id)
+                    if node.cluster is not None:
+                        node.cluster.leave(ch.app_id, ch.name, user_id)
+                    else:
+                        ch.fanout(message("pusher_internal:member_removed",
+                                          {"user_id": user_id}, ch.name))
+                        node.on_member_removed(ch, user_id)
         if node.channels.remove_if_empty(ch):
             node.on_vacated(ch)
         else:

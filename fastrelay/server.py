@@ -8,6 +8,9 @@ import os
 import secrets
 import signal
 import socket
+import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 from . import _core
@@ -50,7 +53,12 @@ def cluster_secret(cfg: Config) -> bytes:
     return value
 
 
-def make_bus(cfg: Config) -> Bus:
+def make_bus(cfg: Config, secret: bytes) -> Bus:
+    """In-process with no Redis; the Redis bus (and cluster-wide state) with redis_url."""
+    if cfg.redis_url:
+        from .bus.redis import RedisBus
+
+        return RedisBus(cfg.redis_url, secret, cfg.key_prefix)
     return LocalBus()
 
 
@@ -71,16 +79,47 @@ async def serve(cfg: Config, apps: AppManager, sock: socket.socket | None = None
                            retention_days=cfg.audit_retention_days)
         await audit.start()
     redis = make_redis(cfg)
-    node = Node(cfg, apps, loop, make_bus(cfg), audit)
-    node.intake = Intake(node, cluster_secret(cfg), redis)
+    apps_task = await start_apps_refresh(cfg, apps)
+    secret = cluster_secret(cfg)
+    node = Node(cfg, apps, loop, make_bus(cfg, secret), audit)
+    node.intake = Intake(node, secret, redis)
+    node.redis = redis  # /ready pings it
+    from .metrics import Ops, start_metrics_server
+
+    ops = Ops(node).install()
+    ops.start()
+    if redis is not None:
+        from .cluster import Cluster
+
+        node.cluster = Cluster(node, redis, node.bus, cfg.key_prefix)
     _core.configure(node, loop, max_header=cfg.max_header_size, max_body=cfg.max_body_size,
                     max_frame=cfg.max_message_size, max_outbound=cfg.max_outbound_buffer)
     await node.bus.start(node)
+    if node.cluster is not None:
+        await node.cluster.start()
     sock = sock or listen_socket(cfg.host, cfg.port)
-    server = await loop.create_server(_core.Conn, sock=sock)
+    # TLS: the core sees the SSL transport's sslcontext and writes through transport.write
+    server = await loop.create_server(_core.Conn, sock=sock, ssl=tls_context(cfg))
+    metrics_server = (await start_metrics_server(ops, cfg.host, cfg.metrics_port)
+                      if cfg.metrics_port else None)
     stop = stop or asyncio.Event()
+    signals = {"count": 0}
+
+    def on_signal(sig: int) -> None:
+        signals["count"] += 1
+        if signals["count"] > 1:  # a second Ctrl-C / SIGTERM: stop now
+            log.warning("second signal, exiting without draining")
+            os._exit(1)
+        log.info("signal received, draining", extra={"signal": signal.Signals(sig).name})
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
+    supervised = "FASTRELAY_WORKER_ID" in os.environ  # a supervisor owns reloads and the pid file
+    if not supervised:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload(cfg, stop)))
+        write_pid_file(cfg)
+    tell_ready()
 
     async def sweeper() -> None:
         while True:
@@ -92,15 +131,29 @@ async def serve(cfg: Config, apps: AppManager, sock: socket.socket | None = None
                                  "audit": "postgresql" if cfg.database_url else
                                  ("sqlite" if audit else "off")})
     await stop.wait()
-    await shutdown(node, server)
+    t0 = loop.time()
+    if metrics_server is not None:
+        metrics_server.close()
+    await shutdown(node, server, timeout=max(0.5, cfg.shutdown_timeout / 2))
     sweep_task.cancel()
+    if apps_task is not None:
+        apps_task.cancel()
+    await ops.stop()
     if node.intake.observers is not None:
         await node.intake.observers.close()
     if audit is not None:
-        await audit.close()  # flushes: nothing accepted is lost on a clean stop
+        # flushes: nothing accepted is lost on a clean stop (to the database, or the spill file)
+        left = max(1.0, cfg.shutdown_timeout - (loop.time() - t0))
+        try:
+            await asyncio.wait_for(audit.close(), left)
+        except asyncio.TimeoutError:
+            log.error("audit flush did not finish within shutdown_timeout",
+                      extra={"queued": audit.queue_depth})
     if redis is not None:
         await redis.aclose()
-    log.info("stopped")
+    if not supervised:
+        remove_pid_file(cfg)
+    log.info("stopped", extra={"seconds": round(loop.time() - t0, 3)})
 
 
 async def shutdown(node: Node, server: asyncio.AbstractServer, timeout: float = 5.0) -> None:
@@ -115,4 +168,101 @@ async def shutdown(node: Node, server: asyncio.AbstractServer, timeout: float = 
         await asyncio.sleep(0.05)
     for conn in _core.connections():
         conn.abort()
+    if node.cluster is not None:
+        await node.cluster.close()
     await node.bus.close()
+
+
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """https and wss straight from fastrelay when tls_cert and tls_key are set."""
+    if not cfg.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+async def start_apps_refresh(cfg: Config, apps: AppManager) -> asyncio.Task | None:
+    """apps_source = "postgres": load the apps table now, then again every refresh interval."""
+    if cfg.apps_source != "postgres":
+        return None
+    from .apps import PostgresApps
+
+    store = PostgresApps(cfg.apps_database_url or cfg.database_url, cfg.apps_table)
+    apps.replace(cfg.apps + await store.load())  # config/env apps stay alongside
+
+    async def refresh() -> None:
+        while True:
+            await asyncio.sleep(cfg.apps_refresh_interval)
+            try:
+                apps.replace(cfg.apps + await store.load())
+            except Exception as e:  # keep the cached set while PostgreSQL is away
+                log.warning("apps refresh failed, keeping the cached apps", extra={"error": repr(e)})
+
+    return asyncio.get_running_loop().create_task(refresh())
+
+
+def pid_file(cfg: Config) -> Path:
+    return Path(cfg.data_dir) / "fastrelay.pid"
+
+
+def write_pid_file(cfg: Config) -> None:
+    path = pid_file(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{os.getpid()}\n")
+
+
+def remove_pid_file(cfg: Config) -> None:
+    path = pid_file(cfg)
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except OSError:
+        pass
+
+
+def tell_ready() -> None:
+    """Tells the process that started us for a reload that we are listening."""
+    fd = os.environ.pop("FASTRELAY_READY_FD", None)
+    if fd is not None:
+        try:
+            os.write(int(fd), b"ready\n")
+            os.close(int(fd))
+        except OSError:
+            pass
+
+
+async def reload(cfg: Config, stop: asyncio.Event, timeout: float = 30.0) -> bool:
+    """SIGHUP / `fastrelay reload` without a supervisor: start a new server process with the
+    same command line; it binds the same port (SO_REUSEPORT) and loads the config afresh.
+    Once it says it is listening, this one drains (4200 to its clients, who reconnect to the
+    new one) and exits. If the new one fails to start, this one keeps serving."""
+    loop = asyncio.get_running_loop()
+    r, w = os.pipe()
+    env = {**os.environ, "FASTRELAY_READY_FD": str(w)}
+    log.info("reload: starting a new server process")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "fastrelay", *sys.argv[1:]], env=env,
+                                pass_fds=(w,), start_new_session=True)
+    except OSError as e:
+        os.close(r)
+        os.close(w)
+        log.error("reload: could not start a new process", extra={"error": repr(e)})
+        return False
+    os.close(w)
+    try:
+        data = await asyncio.wait_for(loop.run_in_executor(None, os.read, r, 16), timeout)
+    except asyncio.TimeoutError:
+        data = b""
+    finally:
+        os.close(r)
+    if not data.startswith(b"ready"):
+        log.error("reload: the new process did not come up; still serving",
+                  extra={"pid": proc.pid, "exit": proc.poll()})
+        if proc.poll() is None:
+            proc.terminate()
+        return False
+    log.info("reload: new process listening, draining this one", extra={"pid": proc.pid})
+    stop.set()
+    return True
