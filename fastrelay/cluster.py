@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastrelay.cluster")
 
-HEARTBEAT = 5.0  # seconds between heartbeats
-DEAD_AFTER = 20.0  # a node silent this long is reaped: its entries go within 30 s
 FLUSH = 0.1  # counts are written at most this often
 
 # Adds node|user; says whether the user is new to the cluster, or refuses a full channel.
@@ -119,7 +117,14 @@ class Cluster:
         self._dirty_conns: set[str] = set()
         self._flush_scheduled = False
         self.conn_totals: dict[str, int] = {}  # app -> cluster connections (refreshed on flush)
+        # per local presence channel, the members this node's subscribers have been told of:
+        # member events race the roster snapshot a joiner got, so they are applied once
+        self.views: dict[tuple[str, str], set[str]] = {}
         self.alive = 1
+        # a node silent for node_timeout is reaped; heartbeats come four times as often, so
+        # a dead node's entries are gone within 1.25 x node_timeout (25 s by default)
+        self.dead_after = node.cfg.node_timeout
+        self.heartbeat = node.cfg.node_timeout / 4
         self.reaped = 0
         self._tasks: list[asyncio.Task] = []
         bus.on("pm", self._on_presence_message)
@@ -194,6 +199,15 @@ class Cluster:
         ch = self.node.channels.get(app_id, channel)
         if ch is None:
             return
+        view = self.views.setdefault((app_id, channel), set())
+        if added:
+            if user_id in view:
+                return
+            view.add(user_id)
+        else:
+            if user_id not in view:
+                return
+            view.discard(user_id)
         if added:
             ch.fanout(message("pusher_internal:member_added",
                               {"user_id": user_id, "user_info": info}, channel), exclude)
@@ -217,7 +231,13 @@ class Cluster:
 
     # ------------------------------------------------------------------ counts
 
+    def joined(self, app_id: str, channel: str, members: dict[str, Any]) -> None:
+        """A local subscriber was given this roster: later member events are relative to it."""
+        self.views.setdefault((app_id, channel), set()).update(members)
+
     def subs_changed(self, app_id: str, channel: str) -> None:
+        if self.node.channels.get(app_id, channel) is None:
+            self.views.pop((app_id, channel), None)
         self._dirty_subs.add((app_id, channel))
         self._schedule()
 
@@ -287,8 +307,8 @@ class Cluster:
             try:
                 now = time.time()
                 await self.redis.zadd(f"{self.p}:nodes", {self.id: now})
-                dead = await self.redis.zrangebyscore(f"{self.p}:nodes", "-inf", now - DEAD_AFTER)
-                self.alive = max(1, await self.redis.zcount(f"{self.p}:nodes", now - DEAD_AFTER, "+inf"))
+                dead = await self.redis.zrangebyscore(f"{self.p}:nodes", "-inf", now - self.dead_after)
+                self.alive = max(1, await self.redis.zcount(f"{self.p}:nodes", now - self.dead_after, "+inf"))
                 for d in dead:
                     d = d.decode() if isinstance(d, bytes) else d
                     if d != self.id and await self.redis.set(f"{self.p}:reap:{d}", self.id, nx=True, ex=60):
@@ -298,7 +318,7 @@ class Cluster:
                 raise
             except Exception as e:
                 log.warning("heartbeat failed", extra={"error": str(e)[:200]})
-            await asyncio.sleep(HEARTBEAT)
+            await asyncio.sleep(self.heartbeat)
 
     async def _reap(self, dead: str) -> None:
         """Removes a node's entries; sends one member_removed per user who really left."""

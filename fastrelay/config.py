@@ -21,11 +21,12 @@ class ConfigError(ValueError):
 class Config:
     host: str = "0.0.0.0"
     port: int = 6001
-    workers: int = 1
+    workers: int = 0  # 0: one per core when redis_url is set, else 1
     data_dir: str = "data"
     redis_url: str = ""
     database_url: str = ""
     key_prefix: str = "fastrelay"
+    node_timeout: float = 20.0  # a node silent this long is dead; its cluster entries are removed
     cluster_secret: str = ""  # keys bus MACs and idempotency hashes; generated if empty
     audit: bool = True
     audit_retention_days: float = 7.0
@@ -47,6 +48,27 @@ class Config:
     max_connections: int = 0  # per node; 0: unlimited
     event_ttl: float = 60.0
     cache_ttl: float = 1800.0
+    # operations (metrics, health, console, TLS, shutdown, apps in PostgreSQL)
+    metrics_port: int = 0  # 0: /metrics on the main port; else only there (with /up, /ready)
+    admin_token: str = ""  # enables /console; sent as ?token= once, then a cookie
+    tls_cert: str = ""  # PEM certificate chain: serve https/wss directly
+    tls_key: str = ""
+    shutdown_timeout: float = 10.0  # bound on draining sockets and flushing the audit
+    ready_timeout: float = 1.0  # per dependency check in /ready
+    ready_max_loop_lag: float = 1.0  # seconds; /ready answers 503 beyond it
+    apps_source: str = "config"  # config (TOML and env) | postgres
+    apps_database_url: str = ""  # default: database_url
+    apps_table: str = "apps"
+    apps_refresh_interval: float = 10.0
+    # webhooks (endpoints are per app: App.webhooks)
+    webhook_delay: float = 3.0  # channel_vacated / member_removed wait this long for a return
+    webhook_flush_interval: float = 0.1  # one POST per endpoint per interval (batches)
+    webhook_timeout: float = 5.0  # per POST
+    webhook_retry_window: float = 300.0  # then dead letters (`fastrelay webhooks failed`)
+    webhook_retry_base: float = 1.0  # first back-off; doubles up to webhook_retry_max
+    webhook_retry_max: float = 60.0
+    webhook_batch_max: int = 1000  # events per POST
+    webhook_reclaim_idle: float = 30.0  # Redis: a silent node's entries are taken over after
     apps: list[App] = field(default_factory=list)
     config_path: str = ""
 
@@ -78,6 +100,10 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
                 raise ValueError
             return str(value)
         if kind_name.startswith("list"):
+            if isinstance(value, str) and value.lstrip().startswith("["):
+                import json
+
+                value = json.loads(value)  # JSON from the environment (e.g. webhooks)
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list):
@@ -188,12 +214,22 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
 def validate(cfg: Config) -> None:
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"port: {cfg.port} is not a TCP port")
-    if cfg.workers < 1:
-        raise ConfigError(f"workers: must be at least 1, got {cfg.workers}")
+    if cfg.workers < 0:
+        raise ConfigError(f"workers: must be 0 (automatic) or more, got {cfg.workers}")
     if cfg.log_format not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {cfg.log_format!r}")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {cfg.log_level!r}")
+    if cfg.apps_source not in ("config", "postgres"):
+        raise ConfigError(f"apps_source: expected config or postgres, got {cfg.apps_source!r}")
+    if cfg.apps_source == "postgres" and not (cfg.apps_database_url or cfg.database_url):
+        raise ConfigError("apps_source: postgres needs apps_database_url or database_url")
+    if not cfg.apps_table.replace("_", "").isalnum():
+        raise ConfigError(f"apps_table: {cfg.apps_table!r} is not a plain table name")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("tls_cert and tls_key: set both (or neither)")
+    if cfg.metrics_port and not 0 < cfg.metrics_port < 65536:
+        raise ConfigError(f"metrics_port: {cfg.metrics_port} is not a TCP port")
     seen_ids: set[str] = set()
     seen_keys: set[str] = set()
     for app in cfg.apps:

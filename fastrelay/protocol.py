@@ -276,6 +276,7 @@ class PusherProtocol:
         else:
             conn.channels.append(ch)
         members[user_id] = info
+        cluster.joined(app.id, name, members)
         conn.send(self._presence_succeeded(name, members))
         self._subscribed(conn, ch, created)
 

@@ -75,8 +75,10 @@ async def serve(cfg: Config, apps: AppManager, sock: socket.socket | None = None
     loop = asyncio.get_running_loop()
     audit: AuditLog | None = None
     if cfg.audit:
+        worker = os.environ.get("FASTRELAY_WORKER")  # set by the supervisor
         audit = open_audit(cfg.database_url or None, Path(cfg.data_dir),
-                           retention_days=cfg.audit_retention_days)
+                           retention_days=cfg.audit_retention_days,
+                           spill_dir=Path(cfg.data_dir) / f"worker-{worker}" if worker else None)
         await audit.start()
     redis = make_redis(cfg)
     apps_task = await start_apps_refresh(cfg, apps)
@@ -84,6 +86,13 @@ async def serve(cfg: Config, apps: AppManager, sock: socket.socket | None = None
     node = Node(cfg, apps, loop, make_bus(cfg, secret), audit)
     node.intake = Intake(node, secret, redis)
     node.redis = redis  # /ready pings it
+    webhooks = None
+    if any(getattr(a, "webhooks", None) for a in apps.all()):
+        from .webhooks import WebhookManager
+
+        webhooks = WebhookManager(cfg, apps, redis, node=node)
+        await webhooks.start()
+        node.webhooks = webhooks  # the node's edge hooks record into it (O(1))
     from .metrics import Ops, start_metrics_server
 
     ops = Ops(node).install()
@@ -115,7 +124,7 @@ async def serve(cfg: Config, apps: AppManager, sock: socket.socket | None = None
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    supervised = "FASTRELAY_WORKER_ID" in os.environ  # a supervisor owns reloads and the pid file
+    supervised = "FASTRELAY_WORKER" in os.environ  # a supervisor owns reloads and the pid file
     if not supervised:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload(cfg, stop)))
         write_pid_file(cfg)
@@ -136,6 +145,13 @@ async def serve(cfg: Config, apps: AppManager, sock: socket.socket | None = None
         metrics_server.close()
     await shutdown(node, server, timeout=max(0.5, cfg.shutdown_timeout / 2))
     sweep_task.cancel()
+    if webhooks is not None:
+        # edges recorded so far (delayed ones too) go to the durable outbox; a short grace
+        # lets the sender deliver them, what is left goes out after the next start
+        try:
+            await asyncio.wait_for(webhooks.close(grace=min(2.0, cfg.shutdown_timeout / 4)), 5.0)
+        except Exception as e:
+            log.error("webhooks did not stop cleanly", extra={"error": repr(e)})
     if apps_task is not None:
         apps_task.cancel()
     await ops.stop()
@@ -146,7 +162,7 @@ async def serve(cfg: Config, apps: AppManager, sock: socket.socket | None = None
         left = max(1.0, cfg.shutdown_timeout - (loop.time() - t0))
         try:
             await asyncio.wait_for(audit.close(), left)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("audit flush did not finish within shutdown_timeout",
                       extra={"queued": audit.queue_depth})
     if redis is not None:
@@ -253,7 +269,7 @@ async def reload(cfg: Config, stop: asyncio.Event, timeout: float = 30.0) -> boo
     os.close(w)
     try:
         data = await asyncio.wait_for(loop.run_in_executor(None, os.read, r, 16), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         data = b""
     finally:
         os.close(r)

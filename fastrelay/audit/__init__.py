@@ -23,7 +23,8 @@ __all__ = ["AuditLog", "AuditStats", "open_audit"]
 
 def open_audit(database_url: str | None, data_dir: Path, *, queue_size: int = 100_000,
                batch_rows: int = 1000, flush_interval: float = 0.005,
-               retention_days: float = 7, **options: Any) -> AuditLog:
+               retention_days: float = 7, spill_dir: Path | None = None,
+               **options: Any) -> AuditLog:
     """Builds the audit log for a URL (not started: `await log.start()`).
 
     `options` go to the backend: for PostgreSQL schema, table, application_name, pool_size,
@@ -33,10 +34,12 @@ def open_audit(database_url: str | None, data_dir: Path, *, queue_size: int = 10
     common: dict[str, Any] = dict(queue_size=queue_size, batch_rows=batch_rows,
                                   flush_interval=flush_interval, retention_days=retention_days)
     data_dir = Path(data_dir)
+    # each worker process keeps its own spill file; the SQLite database is shared
+    spill = Path(spill_dir) if spill_dir is not None else data_dir
     if database_url and database_url.startswith(("postgres://", "postgresql://")):
         from .postgres import PostgresAuditLog
 
-        return PostgresAuditLog(database_url, data_dir, **common, **options)
+        return PostgresAuditLog(database_url, spill, **common, **options)
     from .sqlite import SqliteAuditLog
 
-    return SqliteAuditLog(data_dir / "audit.sqlite3", data_dir, **common, **options)
+    return SqliteAuditLog(data_dir / "audit.sqlite3", spill, **common, **options)
