@@ -51,7 +51,11 @@ class Intake:
         """Rate limit per app; raises 429 with the headers clients back off by."""
         if app.rate_limit <= 0:
             return
-        d = self.limiter.check(app.id, app.rate_limit, app.rate_burst or int(app.rate_limit) or 1, cost)
+        # cluster-wide: each of the live nodes takes its share of the app's rate
+        share = self.node.cluster.alive if self.node.cluster is not None else 1
+        rate = app.rate_limit / share
+        burst = max(1, (app.rate_burst or int(app.rate_limit)) // share)
+        d = self.limiter.check(app.id, rate, burst, cost)
         if not d.allowed:
             self.rate_limited += 1
             headers = list(d.headers().items())
