@@ -230,6 +230,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("tls_cert and tls_key: set both (or neither)")
     if cfg.metrics_port and not 0 < cfg.metrics_port < 65536:
         raise ConfigError(f"metrics_port: {cfg.metrics_port} is not a TCP port")
+    if cfg.redis_url:
+        from .redisconn import parse
+
+        try:
+            parse(cfg.redis_url)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     seen_ids: set[str] = set()
     seen_keys: set[str] = set()
     for app in cfg.apps:

@@ -65,9 +65,9 @@ def make_bus(cfg: Config, secret: bytes) -> Bus:
 def make_redis(cfg: Config):  # noqa: ANN201 (redis is imported lazily)
     if not cfg.redis_url:
         return None
-    import redis.asyncio as aioredis
+    from .redisconn import connect
 
-    return aioredis.from_url(cfg.redis_url)
+    return connect(cfg.redis_url)[0]
 
 
 async def serve(cfg: Config, apps: AppManager, sock: socket.socket | None = None,
@@ -99,8 +99,9 @@ async def serve(cfg: Config, apps: AppManager, sock: socket.socket | None = None
     ops.start()
     if redis is not None:
         from .cluster import Cluster
+        from .redisconn import key_prefix, parse
 
-        node.cluster = Cluster(node, redis, node.bus, cfg.key_prefix)
+        node.cluster = Cluster(node, redis, node.bus, key_prefix(cfg.key_prefix, parse(cfg.redis_url)))
     _core.configure(node, loop, max_header=cfg.max_header_size, max_body=cfg.max_body_size,
                     max_frame=cfg.max_message_size, max_outbound=cfg.max_outbound_buffer)
     await node.bus.start(node)

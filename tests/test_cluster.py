@@ -254,3 +254,115 @@ def test_delivery_resumes_after_redis_restart(fresh_relay: Any, private_redis: A
         got += [m["event"] for m in drain(wb, 0.5)]
     assert "after" in got
     assert a.proc.poll() is None and b.proc.poll() is None
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _cluster_ports(n: int) -> list[int]:
+    """Free ports whose cluster-bus twins (port + 10000) are free too."""
+    import random
+
+    ports: list[int] = []
+    while len(ports) < n:
+        p = random.randrange(20000, 45000)
+        try:
+            for q in (p, p + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", q))
+        except OSError:
+            continue
+        ports.append(p)
+    return ports
+
+
+def _wait_redis(port: int) -> None:
+    for _ in range(100):
+        try:
+            redis.Redis(port=port).ping()
+            return
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError(f"redis on {port} did not start")
+
+
+@pytest.fixture
+def redis_cluster_url(tmp_path: Any) -> Iterator[str]:
+    """A 3-node Redis Cluster of our own on free local ports."""
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed")
+    ports = _cluster_ports(3)
+    procs = []
+    for p in ports:
+        d = tmp_path / str(p)
+        d.mkdir()
+        procs.append(subprocess.Popen(
+            ["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no", "--dir", str(d)],
+            stdout=subprocess.DEVNULL))
+    try:
+        for p in ports:
+            _wait_redis(p)
+        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=30)
+        for _ in range(100):
+            info = subprocess.run(["redis-cli", "-p", str(ports[0]), "cluster", "info"],
+                                  capture_output=True, text=True).stdout
+            if "cluster_state:ok" in info:
+                break
+            time.sleep(0.1)
+        yield f"redis+cluster://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def redis_sentinel_url(tmp_path: Any) -> Iterator[str]:
+    """A Redis master watched by one Sentinel, both our own."""
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed")
+    master, sentinel = _free_ports(2)
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {sentinel}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {master} 1\n"
+                    f"dir {tmp_path}\n")
+    procs = [subprocess.Popen(["redis-server", "--port", str(master), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL),
+             subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL)]
+    try:
+        _wait_redis(master)
+        _wait_redis(sentinel)
+        yield f"redis+sentinel://127.0.0.1:{sentinel}/mymaster"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("kind", ["cluster", "sentinel"])
+def test_redis_cluster_and_sentinel_urls(fresh_relay: Any, kind: str, request: Any) -> None:
+    url = request.getfixturevalue("redis_cluster_url" if kind == "cluster" else "redis_sentinel_url")
+    env = {"FASTRELAY_REDIS_URL": url, "FASTRELAY_KEY_PREFIX": f"k{uid()}", "FASTRELAY_CLUSTER_SECRET": "s",
+           "FASTRELAY_WORKERS": "1"}
+    a, b = fresh_relay(env), fresh_relay(env)
+    channel = f"presence-{uid()}"
+    wb = connect(b)
+    wb.subscribe("plain")
+    a.pusher().trigger("plain", "across", {"via": kind})
+    assert wb.expect("across")["data"] == {"via": kind}
+    wa = connect(a)
+    presence(wa, a, channel, "u1")
+    ok = presence(wb, b, channel, "u2")
+    assert sorted(ok["data"]["presence"]["ids"]) == ["u1", "u2"]
+    assert wa.expect("pusher_internal:member_added", channel)["data"]["user_id"] == "u2"
+    users = api(a, "GET", f"/apps/{a.app_id}/channels/{channel}/users").json()
+    assert sorted(u["id"] for u in users["users"]) == ["u1", "u2"]

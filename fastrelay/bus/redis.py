@@ -22,6 +22,9 @@ import blake3
 import orjson
 
 from ..events import Event
+from ..redisconn import connect as connect_redis
+from ..redisconn import key_prefix
+from ..redisconn import parse as parse_url
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -47,13 +50,13 @@ def decode_event(row: list[Any]) -> Event:
 
 
 class RedisBus:
-    def __init__(self, redis_url: str, secret: bytes, prefix: str, *,
-                 client_factory: Callable[[], Any] | None = None) -> None:
+    def __init__(self, redis_url: str, secret: bytes, prefix: str) -> None:
         self.url = redis_url
-        self.channel = f"{prefix}:bus"
+        self.target = parse_url(redis_url)
+        self.sharded = self.target.sharded  # Redis Cluster: SPUBLISH/SSUBSCRIBE
+        self.channel = f"{key_prefix(prefix, self.target)}:bus"
         self.key = mac_key(secret)
         self.node_id = os.urandom(8).hex()
-        self._factory = client_factory
         self._node: Node | None = None
         self._pending: deque[bytes] = deque()
         self._wake = asyncio.Event()
@@ -117,11 +120,7 @@ class RedisBus:
     # ------------------------------------------------------------------ internals
 
     def _client(self) -> Any:
-        if self._factory is not None:
-            return self._factory()
-        import redis.asyncio as aioredis
-
-        return aioredis.from_url(self.url, socket_keepalive=True, health_check_interval=15)
+        return connect_redis(self.url)[0]
 
     def _safe_url(self) -> str:
         return self.url.split("@")[-1]  # no password in logs
@@ -140,7 +139,10 @@ class RedisBus:
                 n = min(len(self._pending), 1000)
                 items = [self._pending[i] for i in range(n)]
                 try:
-                    await self.redis.publish(self.channel, self._seal(items))
+                    if self.sharded:
+                        await self.redis.spublish(self.channel, self._seal(items))
+                    else:
+                        await self.redis.publish(self.channel, self._seal(items))
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:
@@ -156,10 +158,16 @@ class RedisBus:
     async def _subscriber(self) -> None:
         backoff = 0.1
         first = True
+        pubsub: Any = None
         while True:
-            pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(self.channel)
+                if self.sharded:
+                    await self.redis.initialize()  # the slot map tells which shard to ask
+                pubsub = self.redis.pubsub()
+                if self.sharded:
+                    await pubsub.ssubscribe(self.channel)
+                else:
+                    await pubsub.subscribe(self.channel)
                 self.connected.set()
                 if not first:
                     self.reconnects += 1
@@ -172,19 +180,26 @@ class RedisBus:
                 backoff = 0.1
                 self._wake.set()  # flush what queued while away
                 while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                    if msg is not None and msg["type"] == "message":
+                    if self.sharded:
+                        msg = await pubsub.get_sharded_message(ignore_subscribe_messages=True,
+                                                               timeout=5.0)
+                    else:
+                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if msg is not None and msg["type"] in ("message", "smessage"):
                         self._receive(msg["data"])
             except asyncio.CancelledError:
-                await pubsub.aclose()
+                if pubsub is not None:
+                    await pubsub.aclose()
                 raise
             except Exception as e:
                 self.connected.clear()
                 log.warning("bus connection lost; reconnecting", extra={"error": str(e)[:200]})
                 try:
-                    await pubsub.aclose()
+                    if pubsub is not None:
+                        await pubsub.aclose()
                 except Exception:
                     pass
+                pubsub = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
