@@ -30,6 +30,9 @@ class App:
     rate_burst: int = 0  # 0: one second's worth
     allowed_origins: list[str] = field(default_factory=list)
     audit_client_events: bool = False
+    # webhook endpoints: [{url, event_types: [...], filter: {channel_name_starts_with,
+    # channel_name_ends_with}, headers: {...}}]; env FASTRELAY_APP_WEBHOOKS takes JSON
+    webhooks: list[dict] = field(default_factory=list)
 
     def validate(self, where: str = "") -> None:
         from .config import ConfigError
@@ -39,6 +42,13 @@ class App:
         for name in ("max_connections", "max_presence_members", "max_event_payload"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}{name}: must not be negative")
+        if self.webhooks:
+            from .webhooks.manager import endpoint_error
+
+            for i, ep in enumerate(self.webhooks):
+                problem = endpoint_error(ep)
+                if problem is not None:
+                    raise ConfigError(f"{where}webhooks[{i}]: {problem}")
 
     @property
     def secret_bytes(self) -> bytes:
@@ -84,6 +94,79 @@ class AppManager:
 
     def all(self) -> list[App]:
         return list(self._by_id.values())
+
+    def replace(self, apps: list[App]) -> None:
+        """Swaps the whole set at once (a refresh from PostgreSQL); open sockets keep theirs."""
+        by_id = {a.id: a for a in apps}
+        by_key = {a.key: a for a in apps}
+        self._by_id, self._by_key = by_id, by_key
+
+
+def new_app(name: str = "") -> App:
+    """Fresh credentials: a numeric id, a 20-hex-digit key and a 40-hex-digit secret."""
+    return App(id=str(secrets.randbelow(9_000_000) + 1_000_000), key=secrets.token_hex(10),
+               secret=secrets.token_hex(20), name=name)
+
+
+class PostgresApps:
+    """Apps kept in a PostgreSQL table (apps_source = "postgres"). Columns: id, key, secret,
+    name, enabled, and `options` (JSON: any other App setting, e.g. {"rate_limit": 100})."""
+
+    def __init__(self, url: str, table: str = "apps") -> None:
+        self.url = url
+        self.table = table
+
+    def schema(self) -> str:
+        return (f"CREATE TABLE IF NOT EXISTS {self.table} (id text PRIMARY KEY, key text NOT NULL "
+                f"UNIQUE, secret text NOT NULL, name text NOT NULL DEFAULT '', enabled boolean NOT "
+                f"NULL DEFAULT true, options jsonb NOT NULL DEFAULT '{{}}', created_at timestamptz "
+                f"NOT NULL DEFAULT now())")
+
+    async def _connect(self):  # noqa: ANN202
+        import asyncpg
+
+        conn = await asyncpg.connect(self.url, timeout=5)
+        await conn.execute(self.schema())
+        return conn
+
+    async def load(self) -> list[App]:
+        from .config import ConfigError, _app_from
+
+        conn = await self._connect()
+        try:
+            rows = await conn.fetch(f"SELECT id, key, secret, name, enabled, options::text AS options "
+                                    f"FROM {self.table} ORDER BY created_at, id")
+        finally:
+            await conn.close()
+        apps = []
+        for r in rows:
+            values = {**json.loads(r["options"] or "{}"), "id": r["id"], "key": r["key"],
+                      "secret": r["secret"], "name": r["name"], "enabled": r["enabled"]}
+            try:
+                apps.append(_app_from(values, f"{self.table}[{r['id']}]."))
+            except ConfigError as e:  # one bad row must not take the others down
+                import logging
+
+                logging.getLogger("fastrelay.apps").error("skipping app: %s", e)
+        return apps
+
+    async def create(self, app: App) -> None:
+        conn = await self._connect()
+        try:
+            await conn.execute(f"INSERT INTO {self.table} (id, key, secret, name, enabled) "
+                               f"VALUES ($1, $2, $3, $4, $5)", app.id, app.key, app.secret,
+                               app.name, app.enabled)
+        finally:
+            await conn.close()
+
+    async def rotate_secret(self, app_id: str, secret: str) -> bool:
+        conn = await self._connect()
+        try:
+            done = await conn.execute(f"UPDATE {self.table} SET secret = $2 WHERE id = $1",
+                                      app_id, secret)
+        finally:
+            await conn.close()
+        return done.endswith(" 1")
 
 
 def development_app(data_dir: Path) -> App:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .cluster import Cluster
     from .config import Config
     from .intake import Intake
+    from .webhooks import WebhookManager
 
 log = logging.getLogger("fastrelay.node")
 
@@ -62,6 +63,7 @@ class Node:
         self.http = HttpApi(self)
         self.intake: Intake = None  # type: ignore[assignment]  # set by server.serve
         self.cluster: Cluster | None = None  # cluster-wide state when redis_url is set
+        self.webhooks: WebhookManager | None = None  # when an app has webhook endpoints
         self.stats = Stats()
         self.draining = False
         self._count_dirty: set[_core.Channel] = set()
@@ -199,6 +201,10 @@ class Node:
 
     def publish_client(self, event: Event) -> None:
         self.stats.client_events += 1
+        wh = self.webhooks
+        if wh is not None and event.app_id:
+            wh.client_event(event.app_id, event.channels[0], event.name, event.data,
+                            event.socket_id, event.user_id)
         if self.audit is not None and event.app_id and self._audits_client_events(event.app_id):
             self.audit.record(event)
         self.bus.publish(event)
@@ -247,23 +253,37 @@ class Node:
     # Hooks for webhooks and cluster state; local no-ops beyond subscription counts.
 
     def on_occupied(self, ch: _core.Channel) -> None:
-        pass
+        wh = self.webhooks
+        if wh is not None:
+            wh.occupied(ch.app_id, ch.name)
 
     def on_vacated(self, ch: _core.Channel) -> None:
         self._count_dirty.discard(ch)
+        wh = self.webhooks
+        if wh is not None:
+            wh.vacated(ch.app_id, ch.name)
         if self.cluster is not None:
             self.cluster.subs_changed(ch.app_id, ch.name)
 
     def on_member_added(self, ch: _core.Channel, user_id: str) -> None:
-        pass
+        wh = self.webhooks
+        if wh is not None:
+            wh.member_added(ch.app_id, ch.name, user_id)
 
     def on_member_removed(self, ch: _core.Channel, user_id: str) -> None:
-        pass
+        wh = self.webhooks
+        if wh is not None:
+            wh.member_removed(ch.app_id, ch.name, user_id)
 
     def on_cache_miss(self, app: App, name: str) -> None:
-        pass
+        wh = self.webhooks
+        if wh is not None:
+            wh.cache_miss(app.id, name)
 
     def on_subscription_change(self, ch: _core.Channel) -> None:
+        wh = self.webhooks
+        if wh is not None:
+            wh.subscription_changed(ch)
         if self.cluster is not None:
             self.cluster.subs_changed(ch.app_id, ch.name)
         if ch.roster is not None:

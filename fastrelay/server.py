@@ -87,7 +87,7 @@ async def serve(cfg: Config, apps: AppManager, sock: socket.socket | None = None
     node.intake = Intake(node, secret, redis)
     node.redis = redis  # /ready pings it
     webhooks = None
-    if any(getattr(a, "webhooks", None) for a in apps.all()):
+    if any(a.webhooks for a in apps.all()):
         from .webhooks import WebhookManager
 
         webhooks = WebhookManager(cfg, apps, redis, node=node)
