@@ -329,8 +329,21 @@ class Cluster:
             for uid in gone:
                 self._removed(app_id, channel, uid.decode() if isinstance(uid, bytes) else uid)
         for app in self.node.apps.all():
+            subs = await self.redis.hgetall(f"{self.p}:subs:{app.id}")
+            theirs, others = set(), set()
+            for f, v in subs.items():
+                if int(v) > 0:
+                    owner, channel = _split(f)
+                    if owner == dead:
+                        theirs.add(channel)
+                    else:
+                        others.add(channel)
             await self._reap_hash(keys=[f"{self.p}:subs:{app.id}"], args=[dead])
             await self.redis.hdel(f"{self.p}:conns:{app.id}", dead)
+            # the dead node cannot say its channels emptied: the reaper does, once
+            for channel in theirs - others:
+                if self.node.channels.get(app.id, channel) is None:
+                    self.node.on_vacated(self._channel(app.id, channel))
         await self.redis.delete(f"{self.p}:node:{dead}:presence")
         await self.redis.zrem(f"{self.p}:nodes", dead)
         if dead != self.id:

@@ -418,3 +418,37 @@ def test_config_rejects_bad_endpoints():
 
 if os.environ.get("FASTRELAY_TEST_URL"):
     pytestmark = pytest.mark.skip("webhooks need servers started by the tests")
+
+
+@needs_redis
+def test_dead_node_channels_are_vacated_once(fresh_relay, receiver):
+    """Reconcile after a crash: the node that reaps a dead one sends the vacated (and
+    member_removed) webhooks the dead node never could, once."""
+    prefix = f"whtest-{uniq()}"
+    env = hook_env(receiver.url, {"FASTRELAY_REDIS_URL": "redis://127.0.0.1:6379/0",
+                                  "FASTRELAY_KEY_PREFIX": prefix, "FASTRELAY_NODE_TIMEOUT": "1",
+                                  "FASTRELAY_CLUSTER_SECRET": "s", "FASTRELAY_WORKERS": "1"})
+    survivor, doomed = fresh_relay(env), fresh_relay(env)
+    only_there = f"lonely-{uniq()}"
+    shared = f"shared-{uniq()}"
+    presence = f"presence-{uniq()}"
+    ws = connect(doomed)
+    ws.subscribe(only_there)
+    ws.subscribe(shared)
+    keep = connect(survivor)
+    keep.subscribe(shared)
+    ghost = join_presence(doomed, presence, "ghost")  # kept open until the node dies
+    sdk = survivor.pusher()
+    receiver.wait(lambda e: names(e, "member_added", presence) and names(e, "channel_occupied", only_there),
+                  validator=sdk)
+    doomed.proc.send_signal(signal.SIGKILL)
+    doomed.proc.wait()
+    receiver.wait(lambda e: names(e, "channel_vacated", only_there) and names(e, "member_removed", presence),
+                  timeout=10, validator=sdk)
+    time.sleep(DELAY + 1.5)  # another reaping round must not repeat them
+    evs = receiver.events()
+    assert len(names(evs, "channel_vacated", only_there)) == 1
+    assert len(names(evs, "member_removed", presence)) == 1
+    assert names(evs, "channel_vacated", shared) == []  # the survivor still has a subscriber
+    for w in (ws, keep, ghost):
+        w.close()

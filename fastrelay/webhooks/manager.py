@@ -107,11 +107,19 @@ class _Sender:
         self.task: asyncio.Task[None] | None = None
 
 
+def redis_prefix(cfg: Config) -> str:
+    """The deployment's key prefix, hash-tagged on a Redis Cluster so that one Lua call's
+    keys (claims, outbox, cluster counts) share a slot."""
+    from ..redisconn import key_prefix, parse
+
+    return key_prefix(cfg.key_prefix, parse(cfg.redis_url)) if cfg.redis_url else cfg.key_prefix
+
+
 def open_outbox(cfg: Config, redis: Any = None) -> Outbox:
     if redis is not None:
         delay_ms = int(cfg.webhook_delay * 1000)
         worker = os.environ.get("FASTRELAY_WORKER", "0")
-        return RedisOutbox(redis, cfg.key_prefix, f"{socket.gethostname()}:{cfg.port}:{worker}",
+        return RedisOutbox(redis, redis_prefix(cfg), f"{socket.gethostname()}:{cfg.port}:{worker}",
                            claim_ttl_ms=max(60_000, 10 * delay_ms),
                            reclaim_idle=cfg.webhook_reclaim_idle)
     return SqliteOutbox(Path(cfg.data_dir) / "webhooks.sqlite3")
@@ -311,16 +319,15 @@ class WebhookManager:
         neighbours: tuple[str, ...] = ()
         if self.redis is not None and kind in CLAIMED:
             b = t_ms // self.bucket_ms
-            base = f"{self.cfg.key_prefix}:webhooks:claim:{app_id}:{kind}:{channel}:{user or ''}:"
+            base = f"{redis_prefix(self.cfg)}:webhooks:claim:{app_id}:{kind}:{channel}:{user or ''}:"
             claim = f"{base}{b}"
             neighbours = (f"{base}{b - 1}", f"{base}{b + 1}")
         cluster = None
         if kind in ("channel_occupied", "channel_vacated") and self.redis is not None:
-            cl = getattr(self.node, "cluster", None)
-            if cl is not None and getattr(cl, "id", None):
-                p = getattr(cl, "p", self.cfg.key_prefix)  # the cluster's own key prefix
-                cluster = (f"{p}:nodes", f"{p}:subs:{app_id}", cl.id, channel,
-                           time.time() - getattr(cl, "dead_after", 20.0))
+            cl = self.node.cluster if self.node is not None else None
+            if cl is not None:
+                cluster = (f"{cl.p}:nodes", f"{cl.p}:subs:{app_id}", cl.id, channel,
+                           time.time() - cl.dead_after)
         return Edge(claim, neighbours, app_id, entries, cluster)
 
     # ------------------------------------------------------------------ outbox → endpoints
