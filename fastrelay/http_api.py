@@ -82,6 +82,12 @@ class HttpApi:
                 self.upgrade(conn, req)
             elif path.startswith("/apps/"):
                 self.api(conn, req)
+            elif path.startswith("/users/") and path.endswith("/terminate_connections"):
+                # the Pusher Python SDK (3.3) leaves out /apps/{id}: find the app by auth_key
+                app = self.node.apps.by_key(parse_query(req.query).get("auth_key", ""))
+                if app is None:
+                    raise HttpError(404, "unknown app")
+                self.api(conn, req, app, ["", "apps", app.id] + path.split("/")[1:])
             elif path == "/up":
                 conn.respond(200, b"OK", b"text/plain", None, req.keep_alive)
             elif path == "/ready":
@@ -130,9 +136,10 @@ class HttpApi:
 
     # ------------------------------------------------------------------ the Pusher HTTP API
 
-    def api(self, conn: Conn, req: Request) -> None:
-        parts = req.path.split("/")  # ["", "apps", id, ...]
-        app = self.node.apps.by_id(unquote(parts[2]))
+    def api(self, conn: Conn, req: Request, app: App | None = None,
+            parts: list[str] | None = None) -> None:
+        parts = parts or req.path.split("/")  # ["", "apps", id, ...]
+        app = app or self.node.apps.by_id(unquote(parts[2]))
         if app is None:
             raise HttpError(404, "unknown app")
         route, arg = self._route(parts[3:])
