@@ -14,5 +14,7 @@ USER fastrelay
 WORKDIR /home/fastrelay
 ENV FASTRELAY_DATA_DIR=/home/fastrelay/data
 EXPOSE 6001
+# SIGTERM drains (4200 to clients, audit flushed) within shutdown_timeout; give it that long
+STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:6001/up', timeout=2).status != 200)"
 CMD ["fastrelay", "serve"]

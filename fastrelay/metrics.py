@@ -1,0 +1,575 @@
+"""Operations: Prometheus metrics (`/metrics`), readiness (`/ready`) and the console's tap.
+
+Almost everything is read at scrape time from state the worker keeps anyway (`node.stats`,
+the channel table, the audit's `AuditStats`, the bus and webhooks if they expose counters).
+What has to be counted as it happens is an O(1) add on a plain attribute: one per client
+message, one per closed socket, one per event fanned out (the latency histogram is one
+`bisect` into a list of ints per event, never per delivery). No Python object is created
+per delivery.
+
+Several workers (`--workers N`, SO_REUSEPORT): every sample carries a `worker` label
+($FASTRELAY_WORKER, the supervisor's slot; "0" for a single worker). Each worker writes its
+own exposition to `{data_dir}/metrics/worker-{slot}-{pid}.prom` once per second; whichever
+worker answers `/metrics` serves its live figures plus its siblings' fresh files, merged family
+by family, so one scrape sees every worker (sum them in PromQL: `sum without (worker) (...)`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from bisect import bisect_left
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    SummaryMetricFamily,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.process_collector import ProcessCollector
+
+from . import __version__, _core
+
+if TYPE_CHECKING:
+    from ._core import Conn, Request
+    from .node import Node
+
+log = logging.getLogger("fastrelay.metrics")
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0)
+SNAPSHOT_MAX_AGE = 10.0  # seconds; an older sibling file is a worker that went away
+CONSOLE_CHANNEL = "private-fastrelay-console"
+
+
+def worker_id() -> str:
+    return os.environ.get("FASTRELAY_WORKER", "0")
+
+
+class Histogram:
+    """Fixed buckets as a list of ints: observe() is a bisect and two adds."""
+
+    __slots__ = ("bounds", "counts", "total", "n")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.n += 1
+
+    def buckets(self) -> list[tuple[str, int]]:
+        out, acc = [], 0
+        for bound, c in zip(self.bounds, self.counts, strict=False):
+            acc += c
+            out.append((repr(bound), acc))
+        out.append(("+Inf", acc + self.counts[-1]))
+        return out
+
+
+def route_label(method: str, path: str) -> str:
+    """A bounded label for a request path (never the raw path: that would be unbounded)."""
+    if path.startswith("/app/"):
+        return "websocket"
+    if path.startswith("/apps/"):
+        from .http_api import HttpApi
+
+        route, _ = HttpApi._route(path.split("/")[3:])
+        return f"pusher:{route}" if route else "pusher:unknown"
+    if path.startswith("/api/events"):
+        return "intake:replay" if path.rstrip("/").endswith("/replay") else "intake:events"
+    if path in ("/up", "/ready", "/metrics"):
+        return path[1:]
+    if path.startswith("/console"):
+        return "console"
+    return "unknown"
+
+
+class Ops:
+    """One per worker: counters that cannot be read from elsewhere, and the hooks that feed
+    them. `install` points the node's callbacks at these wrappers (instance attributes, so
+    the compiled core and the bus find them by the usual attribute lookup)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.worker = worker_id()
+        self.messages_in = 0
+        self.bytes_in = 0
+        self.closed = 0
+        self.closed_by_code: dict[str, int] = {}
+        self.delivered_data_bytes = 0
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.http: dict[tuple[str, str], int] = {}
+        self.loop_lag = 0.0
+        self.console: dict[str, Any] = {}  # app id -> the console channel, while one is open
+        self.started = time.time()
+        self._ready_cache: tuple[float, dict[str, Any] | None] = (0.0, None)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.snapshot_dir: Path | None = None
+        self._console: Any = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_NodeCollector(self))
+        self._process = ProcessCollector(registry=None)
+
+    # ------------------------------------------------------------------ hooks
+
+    def install(self) -> Ops:
+        node = self.node
+        node.ops = self
+        deliver, on_message, on_close = node.deliver, node.on_message, node.on_close
+        on_occupied, on_vacated, refuse = node.on_occupied, node.on_vacated, node.protocol.refuse
+        slow = node.on_slow_consumer
+        latency, now = self.latency, time.time
+
+        def deliver_hook(event: Any) -> int:
+            sent = deliver(event)
+            latency.observe(now() - event.accepted_at)
+            if sent:
+                self.delivered_data_bytes += sent * len(event.data)
+            if self.console:
+                self._tap(event, sent)
+            return sent
+
+        def message_hook(conn: Conn, payload: bytes) -> None:
+            self.messages_in += 1
+            self.bytes_in += len(payload)
+            on_message(conn, payload)
+
+        def close_hook(conn: Conn) -> None:
+            self.closed += 1
+            on_close(conn)
+
+        def refuse_hook(conn: Conn, code: int, text: str) -> None:
+            self._closed_with(code)
+            refuse(conn, code, text)
+
+        def slow_hook(conn: Conn) -> None:
+            self._closed_with(4100)
+            log.info("connection closed", extra={"code": 4100, "reason": "slow consumer",
+                                                 "app": getattr(conn.app, "id", None)})
+            slow(conn)
+
+        def occupied_hook(ch: Any) -> None:
+            if ch.name == CONSOLE_CHANNEL:
+                self.console[ch.app_id] = ch
+            on_occupied(ch)
+
+        def vacated_hook(ch: Any) -> None:
+            if ch.name == CONSOLE_CHANNEL:
+                self.console.pop(ch.app_id, None)
+            on_vacated(ch)
+
+        node.deliver = deliver_hook
+        node.on_message = message_hook
+        node.on_close = close_hook
+        node.on_slow_consumer = slow_hook
+        node.on_occupied = occupied_hook
+        node.on_vacated = vacated_hook
+        node.protocol.refuse = refuse_hook
+        close_all = node.close_all
+
+        def close_all_hook(code: int = 4200, reason: str = "Server shutting down") -> int:
+            n = close_all(code, reason)
+            self.closed_by_code[str(code)] = self.closed_by_code.get(str(code), 0) + n
+            return n
+
+        node.close_all = close_all_hook
+        return self
+
+    def console_handler(self) -> Any:
+        if self._console is None:
+            from .console import Console
+
+            self._console = Console(self.node, self)
+        return self._console
+
+    def _closed_with(self, code: int) -> None:
+        key = str(code)
+        self.closed_by_code[key] = self.closed_by_code.get(key, 0) + 1
+
+    def count_http(self, req: Request, status: int | str) -> None:
+        key = (route_label(req.method, req.path), str(status))
+        self.http[key] = self.http.get(key, 0) + 1
+
+    def _tap(self, event: Any, sent: int) -> None:
+        """The console's live feed: only runs while a console has its channel open."""
+        ch = self.console.get(event.app_id)
+        if ch is None or CONSOLE_CHANNEL in event.channels:
+            return
+        from .protocol import message
+
+        ch.fanout(message("fastrelay:event", {
+            "id": event.id, "channels": event.channels, "event": event.name,
+            "data": event.data[:2000], "source": event.source, "deliveries": sent,
+            "latency_ms": round((time.time() - event.accepted_at) * 1000, 3),
+            "worker": self.worker,
+        }, CONSOLE_CHANNEL))
+
+    # ------------------------------------------------------------------ background
+
+    def start(self) -> None:
+        loop = self.node.loop
+        cfg = self.node.cfg
+        if cfg.workers > 1 or "FASTRELAY_WORKER" in os.environ:
+            self.snapshot_dir = Path(cfg.data_dir) / "metrics"
+            self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        self._tasks.append(loop.create_task(self._watch_loop()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.snapshot_dir is not None:
+            with contextlib.suppress(OSError):
+                self._snapshot_path().unlink()
+
+    async def _watch_loop(self, interval: float = 0.25) -> None:
+        """Measures event-loop lag (how late a timer fires); writes the snapshot each second."""
+        loop = self.node.loop
+        last_snapshot = 0.0
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(interval)
+            self.loop_lag = max(0.0, loop.time() - t0 - interval)
+            if self.snapshot_dir is not None and t0 - last_snapshot >= 1.0:
+                last_snapshot = t0
+                self._write_snapshot()
+
+    def _snapshot_path(self) -> Path:
+        assert self.snapshot_dir is not None
+        return self.snapshot_dir / f"worker-{self.worker}-{os.getpid()}.prom"
+
+    def _write_snapshot(self) -> None:
+        assert self.snapshot_dir is not None
+        path = self._snapshot_path()
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_bytes(self.own_text())
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("metrics snapshot failed: %s", e)
+
+    # ------------------------------------------------------------------ exposition
+
+    def families(self) -> list[Any]:
+        fams = list(self.registry.collect()) + list(self._process.collect())
+        for fam in fams:
+            fam.samples = [s._replace(labels={**s.labels, "worker": self.worker})
+                           for s in fam.samples]
+        return fams
+
+    def own_text(self) -> bytes:
+        return generate_latest(_Fixed(self.families()))
+
+    def exposition(self) -> bytes:
+        fams = self.families()
+        if self.snapshot_dir is not None:
+            by_name = {f.name: f for f in fams}
+            now = time.time()
+            newest: dict[str, tuple[float, Path]] = {}  # slot -> its newest file (reloads overlap)
+            for path in self.snapshot_dir.glob("worker-*.prom"):
+                slot = path.stem.split("-")[1]
+                try:
+                    mtime = path.stat().st_mtime
+                except OSError:
+                    continue
+                if slot != self.worker and now - mtime <= SNAPSHOT_MAX_AGE \
+                        and mtime > newest.get(slot, (0.0, path))[0]:
+                    newest[slot] = (mtime, path)
+            for _, path in newest.values():
+                try:
+                    text = path.read_text()
+                except OSError:
+                    continue
+                for fam in text_string_to_metric_families(text):
+                    mine = by_name.get(fam.name)
+                    if mine is None:
+                        by_name[fam.name] = fam
+                        fams.append(fam)
+                    else:
+                        mine.samples.extend(fam.samples)
+        return generate_latest(_Fixed(fams))
+
+    # ------------------------------------------------------------------ HTTP
+
+    def serve_metrics(self, conn: Conn, req: Request) -> None:
+        conn.respond(200, self.exposition(), CONTENT_TYPE, None, req.keep_alive)
+
+    def serve_ready(self, conn: Conn, req: Request) -> None:
+        """200 {"ready": true} or 503 {"ready": false, "reason": ...}; answered from a task
+        because it may ask Redis and PostgreSQL (bounded by ready_timeout)."""
+        conn.hold()
+
+        async def run() -> None:
+            try:
+                problems = await self.readiness()
+            except Exception as e:  # never leave the request hanging
+                problems = {"check": repr(e)[:200]}
+            if problems:
+                body = {"ready": False, "reason": "; ".join(f"{k}: {v}" for k, v in problems.items()),
+                        "checks": problems}
+                conn.respond(503, orjson.dumps(body), b"application/json", [("Retry-After", "1")],
+                             req.keep_alive)
+            else:
+                conn.respond(200, b'{"ready":true}', b"application/json", None, req.keep_alive)
+
+        self.node.loop.create_task(run())
+
+    async def readiness(self) -> dict[str, str]:
+        node, cfg = self.node, self.node.cfg
+        problems: dict[str, str] = {}
+        if node.draining:
+            problems["draining"] = "the server is shutting down"
+        if self.loop_lag > cfg.ready_max_loop_lag:
+            problems["loop"] = f"event loop lagging {self.loop_lag:.3f} s"
+        cached_at, cached = self._ready_cache
+        if cached is not None and time.monotonic() - cached_at < 1.0:
+            deps = cached
+        else:
+            deps = await self._dependencies()
+            self._ready_cache = (time.monotonic(), deps)
+        problems.update(deps)
+        return problems
+
+    async def _dependencies(self) -> dict[str, str]:
+        node, cfg = self.node, self.node.cfg
+        out: dict[str, str] = {}
+        timeout = cfg.ready_timeout
+        redis = getattr(node, "redis", None)
+        if cfg.redis_url and redis is not None:
+            try:
+                await asyncio.wait_for(redis.ping(), timeout)
+            except Exception as e:
+                out["redis"] = f"unreachable ({type(e).__name__})"
+        urls = {u for u in (cfg.database_url, cfg.apps_database_url) if u}
+        for url in urls:
+            try:
+                await asyncio.wait_for(_pg_ping(url, timeout), timeout + 0.5)
+            except Exception as e:
+                out["postgresql"] = f"unreachable ({type(e).__name__})"
+        audit = node.audit
+        if audit is not None and getattr(audit, "backend", "") == "postgresql" \
+                and audit.spill_pending_rows and "postgresql" not in out:
+            out["audit"] = f"{audit.spill_pending_rows} rows waiting in the spill file"
+        return out
+
+
+async def _pg_ping(url: str, timeout: float) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=timeout)
+    try:
+        await conn.fetchval("SELECT 1")
+    finally:
+        await conn.close()
+
+
+class _Fixed:
+    """A registry-like object over a fixed list of families (generate_latest only collects)."""
+
+    def __init__(self, fams: list[Any]) -> None:
+        self.fams = fams
+
+    def collect(self) -> list[Any]:
+        return self.fams
+
+
+def _attr(obj: Any, *names: str) -> float:
+    """The first counter found among names, on obj or on obj.stats; 0 when absent."""
+    if obj is None:
+        return 0
+    for holder in (obj, getattr(obj, "stats", None)):
+        if holder is None:
+            continue
+        if isinstance(holder, dict):
+            for n in names:
+                if n in holder:
+                    return float(holder[n] or 0)
+            continue
+        for n in names:
+            v = getattr(holder, n, None)
+            if isinstance(v, int | float):
+                return float(v)
+    return 0
+
+
+class _NodeCollector:
+    """Reads the worker's state at scrape time."""
+
+    def __init__(self, ops: Ops) -> None:
+        self.ops = ops
+
+    def collect(self) -> list[Any]:  # noqa: C901 (a flat list of metrics)
+        ops, node = self.ops, self.ops.node
+        s = node.stats
+        out: list[Any] = []
+
+        def gauge(name: str, doc: str, value: float) -> None:
+            out.append(GaugeMetricFamily(name, doc, value=value))
+
+        def counter(name: str, doc: str, value: float) -> None:
+            out.append(CounterMetricFamily(name, doc, value=value))
+
+        info = GaugeMetricFamily("fastrelay_info", "Build information", labels=["version"])
+        info.add_metric([__version__], 1)
+        out.append(info)
+        gauge("fastrelay_start_time_seconds", "Unix time the worker started", ops.started)
+        gauge("fastrelay_draining", "1 while the worker is shutting down", int(node.draining))
+        gauge("fastrelay_event_loop_lag_seconds", "How late the last 250 ms timer fired",
+              ops.loop_lag)
+
+        # connections
+        gauge("fastrelay_tcp_connections", "Open TCP connections (HTTP and WebSocket)",
+              _core.connection_count())
+        gauge("fastrelay_websockets", "Open WebSocket connections", _core.websocket_count())
+        counter("fastrelay_connections_opened", "Pusher connections established",
+                s.connections_opened)
+        closed = CounterMetricFamily("fastrelay_connections_closed",
+                                     "Pusher connections closed, by the code the server sent "
+                                     "(\"other\": client close, timeouts, errors)", labels=["code"])
+        known = 0
+        for code, n in sorted(ops.closed_by_code.items()):
+            closed.add_metric([code], n)
+            known += n
+        closed.add_metric(["other"], max(0, ops.closed - known))
+        out.append(closed)
+
+        # per app
+        conns = GaugeMetricFamily("fastrelay_connections", "Pusher connections by app", labels=["app"])
+        chans = GaugeMetricFamily("fastrelay_channels", "Occupied channels by app", labels=["app"])
+        subs = GaugeMetricFamily("fastrelay_subscriptions", "Channel subscriptions by app",
+                                 labels=["app"])
+        members = GaugeMetricFamily("fastrelay_presence_members",
+                                    "Distinct users in presence channels by app", labels=["app"])
+        per: dict[str, list[int]] = {app.id: [0, 0, 0] for app in node.apps.all()}
+        for (app_id, _), ch in node.channels._channels.items():
+            row = per.setdefault(app_id, [0, 0, 0])
+            row[0] += 1
+            row[1] += len(ch.members)
+            if ch.roster is not None:
+                row[2] += len(ch.roster)
+        for app_id, (nc, ns, nm) in sorted(per.items()):
+            conns.add_metric([app_id], node.app_connections(app_id))
+            chans.add_metric([app_id], nc)
+            subs.add_metric([app_id], ns)
+            members.add_metric([app_id], nm)
+        out += [conns, chans, subs, members]
+
+        # messages
+        counter("fastrelay_messages_received", "WebSocket messages received from clients",
+                ops.messages_in)
+        counter("fastrelay_received_bytes", "WebSocket message bytes received from clients",
+                ops.bytes_in)
+        counter("fastrelay_events_published", "Events accepted over the HTTP APIs", s.published)
+        counter("fastrelay_client_events", "Client events (client-*) relayed", s.client_events)
+        counter("fastrelay_deliveries", "Event frames queued to subscribers (messages out)",
+                s.deliveries)
+        counter("fastrelay_delivered_data_bytes",
+                "Event data bytes delivered (data length x subscribers, envelope excluded)",
+                ops.delivered_data_bytes)
+        counter("fastrelay_stale_dropped", "Events dropped as older than event_ttl", s.stale_dropped)
+        counter("fastrelay_slow_consumer_closes", "Sockets closed (4100) for a full outbound buffer",
+                s.closed_slow)
+        h = ops.latency
+        out.append(HistogramMetricFamily(
+            "fastrelay_delivery_latency_seconds",
+            "From accepted_at to fan-out on this worker, one observation per event",
+            buckets=h.buckets(), sum_value=h.total))
+
+        # HTTP
+        http = CounterMetricFamily("fastrelay_http_requests", "HTTP requests by route and status",
+                                   labels=["route", "status"])
+        for (route, status), n in sorted(ops.http.items()):
+            http.add_metric([route, status], n)
+        out.append(http)
+        intake = node.intake
+        counter("fastrelay_rate_limited", "API requests refused with 429 (per-app rate limit)",
+                getattr(intake, "rate_limited", 0) if intake is not None else 0)
+        counter("fastrelay_audit_refused", "Events refused with 503 because the audit queue was full",
+                s.audit_refused)
+
+        # audit
+        audit = node.audit
+        if audit is not None:
+            a = audit.stats
+            gauge("fastrelay_audit_queue_depth", "Events waiting to be written", audit.queue_depth)
+            gauge("fastrelay_audit_spill_pending_rows", "Rows in the spill file",
+                  audit.spill_pending_rows)
+            gauge("fastrelay_audit_healthy", "1 when the database took the last write",
+                  int(bool(audit.healthy)))
+            counter("fastrelay_audit_recorded", "Events queued for the audit", a.recorded)
+            counter("fastrelay_audit_rows_written", "Rows committed to the database", a.rows_written)
+            counter("fastrelay_audit_write_errors", "Failed database writes", a.write_errors)
+            counter("fastrelay_audit_spilled_rows", "Rows written to the spill file", a.spilled_rows)
+            counter("fastrelay_audit_replayed_rows", "Rows written back from the spill file",
+                    a.replayed_rows)
+            counter("fastrelay_audit_rejected_rows", "Rows the database refused as invalid",
+                    a.rejected_rows)
+            out.append(SummaryMetricFamily("fastrelay_audit_write_seconds",
+                                           "Database batch write time", count_value=a.batches,
+                                           sum_value=a.write_seconds))
+            gauge("fastrelay_audit_last_write_seconds", "Latency of the last batch write",
+                  a.last_write_latency)
+
+        # bus (read from the bus if it exposes them; 0 for the in-process bus)
+        bus = node.bus
+        gauge("fastrelay_bus_lag_seconds", "Bus delivery lag (0 for the in-process bus)",
+              _attr(bus, "lag_seconds", "lag"))
+        counter("fastrelay_bus_reconnects", "Bus reconnects", _attr(bus, "reconnects"))
+        counter("fastrelay_bus_published", "Events published on the bus",
+                _attr(bus, "published"))
+        counter("fastrelay_bus_received", "Events received from the bus", _attr(bus, "received"))
+
+        # webhooks (read from node.webhooks if present)
+        wh = getattr(node, "webhooks", None)
+        counter("fastrelay_webhook_deliveries", "Webhook events acknowledged (2xx) by an endpoint",
+                _attr(wh, "delivered", "deliveries", "sent"))
+        counter("fastrelay_webhook_retries", "Failed webhook POSTs (each is retried with back-off)",
+                _attr(wh, "retries", "failures"))
+        counter("fastrelay_webhook_failures", "Webhook events given up on (moved to dead letters)",
+                _attr(wh, "dead", "failed"))
+        counter("fastrelay_webhook_edges", "Channel and member edges recorded for webhooks",
+                _attr(wh, "edges"))
+        gauge("fastrelay_console_open", "Apps with a live console feed open", len(ops.console))
+        return out
+
+
+async def start_metrics_server(ops: Ops, host: str, port: int) -> asyncio.AbstractServer:
+    """A tiny separate listener for `metrics_port`: /metrics, /up and /ready only."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            path = head.split(b" ", 2)[1].split(b"?", 1)[0] if b" " in head else b""
+            status, ctype, body = 404, b"application/json", b'{"error":"not found"}'
+            if path == b"/metrics":
+                status, ctype, body = 200, CONTENT_TYPE, ops.exposition()
+            elif path == b"/up":
+                status, ctype, body = 200, b"text/plain", b"OK"
+            elif path == b"/ready":
+                problems = await ops.readiness()
+                status = 503 if problems else 200
+                body = orjson.dumps({"ready": not problems, **({"checks": problems} if problems else {})})
+            reason = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}[status]
+            writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n" % (status, reason, ctype, len(body)) + body)
+            await writer.drain()
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port, reuse_port=True)
