@@ -99,19 +99,12 @@ def route_label(method: str, path: str) -> str:
 
 
 class Ops:
-    """One per worker: counters that cannot be read from elsewhere, and the hooks that feed
-    them. `install` points the node's callbacks at these wrappers (instance attributes, so
-    the compiled core and the bus find them by the usual attribute lookup)."""
+    """One per worker: the metrics exposition (read from `node.stats` and the other parts at
+    scrape time), readiness, HTTP request counts and the console's live feed."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.worker = worker_id()
-        self.messages_in = 0
-        self.bytes_in = 0
-        self.closed = 0
-        self.closed_by_code: dict[str, int] = {}
-        self.delivered_data_bytes = 0
-        self.latency = Histogram(LATENCY_BUCKETS)
         self.http: dict[tuple[str, str], int] = {}
         self.loop_lag = 0.0
         self.console: dict[str, Any] = {}  # app id -> the console channel, while one is open
@@ -126,69 +119,6 @@ class Ops:
 
     # ------------------------------------------------------------------ hooks
 
-    def install(self) -> Ops:
-        node = self.node
-        node.ops = self
-        deliver, on_message, on_close = node.deliver, node.on_message, node.on_close
-        on_occupied, on_vacated, refuse = node.on_occupied, node.on_vacated, node.protocol.refuse
-        slow = node.on_slow_consumer
-        latency, now = self.latency, time.time
-
-        def deliver_hook(event: Any) -> int:
-            sent = deliver(event)
-            latency.observe(now() - event.accepted_at)
-            if sent:
-                self.delivered_data_bytes += sent * len(event.data)
-            if self.console:
-                self._tap(event, sent)
-            return sent
-
-        def message_hook(conn: Conn, payload: bytes) -> None:
-            self.messages_in += 1
-            self.bytes_in += len(payload)
-            on_message(conn, payload)
-
-        def close_hook(conn: Conn) -> None:
-            self.closed += 1
-            on_close(conn)
-
-        def refuse_hook(conn: Conn, code: int, text: str) -> None:
-            self._closed_with(code)
-            refuse(conn, code, text)
-
-        def slow_hook(conn: Conn) -> None:
-            self._closed_with(4100)
-            log.info("connection closed", extra={"code": 4100, "reason": "slow consumer",
-                                                 "app": getattr(conn.app, "id", None)})
-            slow(conn)
-
-        def occupied_hook(ch: Any) -> None:
-            if ch.name == CONSOLE_CHANNEL:
-                self.console[ch.app_id] = ch
-            on_occupied(ch)
-
-        def vacated_hook(ch: Any) -> None:
-            if ch.name == CONSOLE_CHANNEL:
-                self.console.pop(ch.app_id, None)
-            on_vacated(ch)
-
-        node.deliver = deliver_hook
-        node.on_message = message_hook
-        node.on_close = close_hook
-        node.on_slow_consumer = slow_hook
-        node.on_occupied = occupied_hook
-        node.on_vacated = vacated_hook
-        node.protocol.refuse = refuse_hook
-        close_all = node.close_all
-
-        def close_all_hook(code: int = 4200, reason: str = "Server shutting down") -> int:
-            n = close_all(code, reason)
-            self.closed_by_code[str(code)] = self.closed_by_code.get(str(code), 0) + n
-            return n
-
-        node.close_all = close_all_hook
-        return self
-
     def console_handler(self) -> Any:
         if self._console is None:
             from .console import Console
@@ -196,15 +126,11 @@ class Ops:
             self._console = Console(self.node, self)
         return self._console
 
-    def _closed_with(self, code: int) -> None:
-        key = str(code)
-        self.closed_by_code[key] = self.closed_by_code.get(key, 0) + 1
-
     def count_http(self, req: Request, status: int | str) -> None:
         key = (route_label(req.method, req.path), str(status))
         self.http[key] = self.http.get(key, 0) + 1
 
-    def _tap(self, event: Any, sent: int) -> None:
+    def tap(self, event: Any, sent: int) -> None:
         """The console's live feed: only runs while a console has its channel open."""
         ch = self.console.get(event.app_id)
         if ch is None or CONSOLE_CHANNEL in event.channels:
@@ -441,10 +367,10 @@ class _NodeCollector:
                                      "Pusher connections closed, by the code the server sent "
                                      "(\"other\": client close, timeouts, errors)", labels=["code"])
         known = 0
-        for code, n in sorted(ops.closed_by_code.items()):
+        for code, n in sorted(ops.node.stats.closed_by_code.items()):
             closed.add_metric([code], n)
             known += n
-        closed.add_metric(["other"], max(0, ops.closed - known))
+        closed.add_metric(["other"], max(0, ops.node.stats.closed - known))
         out.append(closed)
 
         # per app
@@ -470,20 +396,20 @@ class _NodeCollector:
 
         # messages
         counter("fastrelay_messages_received", "WebSocket messages received from clients",
-                ops.messages_in)
+                ops.node.stats.messages_in)
         counter("fastrelay_received_bytes", "WebSocket message bytes received from clients",
-                ops.bytes_in)
+                ops.node.stats.bytes_in)
         counter("fastrelay_events_published", "Events accepted over the HTTP APIs", s.published)
         counter("fastrelay_client_events", "Client events (client-*) relayed", s.client_events)
         counter("fastrelay_deliveries", "Event frames queued to subscribers (messages out)",
                 s.deliveries)
         counter("fastrelay_delivered_data_bytes",
                 "Event data bytes delivered (data length x subscribers, envelope excluded)",
-                ops.delivered_data_bytes)
+                ops.node.stats.delivered_data_bytes)
         counter("fastrelay_stale_dropped", "Events dropped as older than event_ttl", s.stale_dropped)
         counter("fastrelay_slow_consumer_closes", "Sockets closed (4100) for a full outbound buffer",
                 s.closed_slow)
-        h = ops.latency
+        h = ops.node.stats.latency
         out.append(HistogramMetricFamily(
             "fastrelay_delivery_latency_seconds",
             "From accepted_at to fan-out on this worker, one observation per event",

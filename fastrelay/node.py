@@ -16,6 +16,7 @@ from . import channels as kinds
 from .apps import App, AppManager
 from .channels import ChannelTable
 from .events import Event
+from .metrics import CONSOLE_CHANNEL, LATENCY_BUCKETS, Histogram
 from .protocol import PusherProtocol, message
 
 if TYPE_CHECKING:
@@ -24,20 +25,29 @@ if TYPE_CHECKING:
     from .cluster import Cluster
     from .config import Config
     from .intake import Intake
+    from .metrics import Ops
     from .webhooks import WebhookManager
 
 log = logging.getLogger("fastrelay.node")
 
 
 class Stats:
-    """Plain counters; the metrics endpoint reads them (no work per delivery beyond an add)."""
+    """Plain counters; /metrics reads them at scrape time. Counting is an add per event or
+    per message, never work per delivery."""
 
     __slots__ = ("published", "deliveries", "client_events", "stale_dropped", "closed_slow",
-                 "connections_opened", "audit_refused")
+                 "connections_opened", "audit_refused", "messages_in", "bytes_in", "closed",
+                 "delivered_data_bytes", "closed_by_code", "latency")
 
     def __init__(self) -> None:
-        for name in self.__slots__:
+        for name in self.__slots__[:-2]:
             setattr(self, name, 0)
+        self.closed_by_code: dict[str, int] = {}
+        self.latency = Histogram(LATENCY_BUCKETS)  # accepted -> fanned out, per event
+
+    def closed_with(self, code: int, n: int = 1) -> None:
+        key = str(code)
+        self.closed_by_code[key] = self.closed_by_code.get(key, 0) + n
 
 
 class Node:
@@ -64,6 +74,8 @@ class Node:
         self.intake: Intake = None  # type: ignore[assignment]  # set by server.serve
         self.cluster: Cluster | None = None  # cluster-wide state when redis_url is set
         self.webhooks: WebhookManager | None = None  # when an app has webhook endpoints
+        self.ops: Ops | None = None  # metrics, readiness and the console (set by server.serve)
+        self.redis: Any = None  # the shared client when redis_url is set (/ready pings it)
         self.stats = Stats()
         self.draining = False
         self._count_dirty: set[_core.Channel] = set()
@@ -78,6 +90,8 @@ class Node:
             conn.respond(500, b'{"error":"internal error"}', keep_alive=False)
 
     def on_message(self, conn: _core.Conn, payload: bytes) -> None:
+        self.stats.messages_in += 1
+        self.stats.bytes_in += len(payload)
         try:
             self.protocol.on_message(conn, payload)
         except Exception:
@@ -85,6 +99,7 @@ class Node:
             conn.send(message("pusher:error", {"code": None, "message": "internal error"}))
 
     def on_close(self, conn: _core.Conn) -> None:
+        self.stats.closed += 1
         try:
             self.protocol.on_close(conn)
         except Exception:
@@ -92,6 +107,9 @@ class Node:
 
     def on_slow_consumer(self, conn: _core.Conn) -> None:
         self.stats.closed_slow += 1
+        self.stats.closed_with(4100)
+        log.info("connection closed", extra={"code": 4100, "reason": "slow consumer",
+                                             "app": conn.app.id if conn.app else None})
         conn.close(4100, "Connection too slow: outbound buffer full")
 
     # ------------------------------------------------------------------ connections
@@ -231,7 +249,14 @@ class Node:
             ch = self.channels.get(event.app_id, name)
             if ch is not None:
                 sent += ch.fanout(frame, exclude)
-        self.stats.deliveries += sent
+        stats = self.stats
+        stats.deliveries += sent
+        stats.latency.observe(time.time() - event.accepted_at)
+        if sent and isinstance(event.data, str):
+            stats.delivered_data_bytes += sent * len(event.data)
+        ops = self.ops
+        if ops is not None and ops.console:  # the console's live feed, only while one is open
+            ops.tap(event, sent)
         return sent
 
     def cached(self, app_id: str, name: str) -> bytes | None:
@@ -253,12 +278,16 @@ class Node:
     # Hooks for webhooks and cluster state; local no-ops beyond subscription counts.
 
     def on_occupied(self, ch: _core.Channel) -> None:
+        if ch.name == CONSOLE_CHANNEL and self.ops is not None:
+            self.ops.console[ch.app_id] = ch
         wh = self.webhooks
         if wh is not None:
             wh.occupied(ch.app_id, ch.name)
 
     def on_vacated(self, ch: _core.Channel) -> None:
         self._count_dirty.discard(ch)
+        if ch.name == CONSOLE_CHANNEL and self.ops is not None:
+            self.ops.console.pop(ch.app_id, None)
         wh = self.webhooks
         if wh is not None:
             wh.vacated(ch.app_id, ch.name)
@@ -343,4 +372,5 @@ class Node:
                 n += 1
             else:
                 conn.close()
+        self.stats.closed_with(code, n)
         return n

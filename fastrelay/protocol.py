@@ -93,6 +93,7 @@ class PusherProtocol:
             node.loop.call_later(app.user_auth_timeout, self._signin_deadline, conn)
 
     def refuse(self, conn: Conn, code: int, text: str) -> None:
+        self.node.stats.closed_with(code)
         conn.send(error(code, text))
         conn.close(code, text)
         log.info("connection refused", extra={"code": code, "reason": text})

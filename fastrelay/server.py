@@ -85,7 +85,7 @@ async def serve(cfg: Config, apps: AppManager, sock: socket.socket | None = None
     secret = cluster_secret(cfg)
     node = Node(cfg, apps, loop, make_bus(cfg, secret), audit)
     node.intake = Intake(node, secret, redis)
-    node.redis = redis  # /ready pings it
+    node.redis = redis
     webhooks = None
     if any(a.webhooks for a in apps.all()):
         from .webhooks import WebhookManager
@@ -95,7 +95,7 @@ async def serve(cfg: Config, apps: AppManager, sock: socket.socket | None = None
         node.webhooks = webhooks  # the node's edge hooks record into it (O(1))
     from .metrics import Ops, start_metrics_server
 
-    ops = Ops(node).install()
+    ops = node.ops = Ops(node)
     ops.start()
     if redis is not None:
         from .cluster import Cluster
