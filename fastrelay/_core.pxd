@@ -15,7 +15,6 @@ cdef class Request:
     cdef public dict headers
     cdef public bytes body
     cdef public bint keep_alive
-    cdef public double received_at
 
 
 cdef class Conn:
@@ -26,28 +25,25 @@ cdef class Conn:
     cdef object inbuf            # bytearray of unparsed input, or None
     cdef object pend             # the single pending outbound frame (bytes), or None
     cdef char* obuf              # pending outbound bytes once more than one frame is queued
-    cdef Py_ssize_t olen
-    cdef Py_ssize_t ocap
-    cdef bint queued             # in the dirty list for this loop iteration
-    cdef bint blocked            # the transport holds unsent bytes (paused)
-    cdef bint held               # an HTTP answer is being prepared asynchronously
-    cdef bint ping_sent
-    cdef bint req_started        # part of an HTTP request is buffered (slowloris clock runs)
-    cdef public double last_seen
-    cdef double since            # start of the current state (handshake, closing, ping)
+    cdef unsigned int olen
+    cdef unsigned int ocap
+    cdef unsigned char queued    # in the dirty list for this loop iteration
+    cdef unsigned char blocked   # the transport holds unsent bytes (paused)
+    cdef unsigned char held      # an HTTP answer is being prepared asynchronously
+    cdef unsigned char ping_sent
+    cdef unsigned char req_started  # part of an HTTP request is buffered (slowloris clock runs)
+    cdef unsigned int last_seen  # monotonic ms (32 bits, wrapping: compare differences)
+    cdef unsigned int since      # start of the current state (handshake, closing, ping)
     cdef object frag             # bytearray of a fragmented message being assembled
-    cdef Conn prev
-    cdef Conn next
+    cdef Py_ssize_t slot         # index in the connection table (the socket id's second part)
+    cdef unsigned long long sid  # the socket id's random first part (0 until the upgrade)
 
     # Pusher state, owned by fastrelay/protocol.py
-    cdef public object socket_id
     cdef public object app
     cdef public object channels   # list of Channel, or None
-    cdef public object user_id
-    cdef public object user       # signed-in user's parsed user_data, or None
-    cdef public object extra      # rarely used per-connection state (dict), or None
-    cdef public double ev_window
-    cdef public int ev_count
+    cdef public object user_id    # set by pusher:signin
+    cdef public unsigned int ev_window  # client-event rate window (monotonic seconds)
+    cdef public unsigned int ev_count
 
     cdef int _queue(self, bytes frame) except -1
     cdef int _flush(self) except -1

@@ -41,6 +41,9 @@ cdef extern from "netinet/tcp.h":
 cdef extern from "string.h" nogil:
     void* memmem(const void* h, size_t hl, const void* n, size_t nl)
 
+cdef extern from "sys/random.h" nogil:
+    ssize_t getrandom(void* buf, size_t n, unsigned int flags)
+
 
 # ---------------------------------------------------------------- limits and clocks
 
@@ -73,40 +76,90 @@ cdef inline double _now() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-def monotonic():
-    """The clock that last_seen and the sweep use."""
-    return _now()
+cdef inline unsigned int _now_ms() noexcept nogil:
+    """Monotonic milliseconds in 32 bits: they wrap every 49 days, and differences taken as
+    unsigned stay right across the wrap; 4 bytes per timestamp per connection instead of 8."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <unsigned int>(<uint64_t>ts.tv_sec * 1000 + <uint64_t>ts.tv_nsec // 1000000)
 
 
-# ---------------------------------------------------------------- the connection list
+# ---------------------------------------------------------------- the connection table
 
-cdef Conn _head = None      # every live connection, for the sweep and shutdown
+# Every live connection has a slot in one C array: the sweep walks it, and a socket id names
+# its slot ("{random}.{slot}"), so finding a socket by id needs no dict and no id string is
+# kept per connection.
+cdef PyObject** _slots = NULL
+cdef Py_ssize_t _cap = 0
+cdef Py_ssize_t _high = 0         # slots below this have been used
+cdef Py_ssize_t* _free = NULL     # released slots, reused first
+cdef Py_ssize_t _nfree = 0
 cdef Py_ssize_t _count = 0
 cdef Py_ssize_t _ws_count = 0
 
 
-cdef inline void _link(Conn c):
-    global _head, _count
-    c.next = _head
-    if _head is not None:
-        _head.prev = c
-    _head = c
-    _count += 1
-
-
-cdef inline void _unlink(Conn c):
-    global _head, _count
-    if c.prev is not None:
-        c.prev.next = c.next
-    elif _head is c:
-        _head = c.next
+cdef int _take_slot(Conn c) except -1:
+    global _slots, _cap, _high, _free, _nfree, _count
+    cdef Py_ssize_t i
+    cdef PyObject** grown
+    cdef Py_ssize_t* grown_free
+    if _nfree:
+        _nfree -= 1
+        i = _free[_nfree]
     else:
-        return  # not linked
-    if c.next is not None:
-        c.next.prev = c.prev
-    c.prev = None
-    c.next = None
-    _count -= 1
+        if _high == _cap:
+            _cap = _cap * 2 if _cap else 4096
+            grown = <PyObject**>realloc(_slots, _cap * sizeof(PyObject*))
+            grown_free = <Py_ssize_t*>realloc(_free, _cap * sizeof(Py_ssize_t))
+            if grown == NULL or grown_free == NULL:
+                raise MemoryError()
+            _slots = grown
+            _free = grown_free
+        i = _high
+        _high += 1
+    Py_INCREF(c)
+    _slots[i] = <PyObject*>c
+    c.slot = i
+    _count += 1
+    return 0
+
+
+cdef void _release_slot(Conn c) noexcept:
+    global _nfree, _count
+    cdef Py_ssize_t i = c.slot
+    if i < 0 or _slots[i] != <PyObject*>c:
+        return
+    _slots[i] = NULL
+    _free[_nfree] = i
+    _nfree += 1
+    _count -= 1  # c.slot stays: the socket id string stays the same after close
+    Py_DECREF(c)
+
+
+cdef inline uint64_t _random64() noexcept:
+    cdef uint64_t r = 0
+    if getrandom(&r, sizeof(r), 0) != sizeof(r):
+        r = <uint64_t>(_now() * 1e9) ^ <uint64_t><size_t>&r
+    return r
+
+
+def find_socket(str socket_id):
+    """The open WebSocket with this socket id, or None (an unknown or stale id)."""
+    cdef Py_ssize_t i
+    dot = socket_id.find(".")
+    if dot <= 0 or dot > 20 or len(socket_id) - dot > 20:
+        return None
+    try:
+        rnd = int(socket_id[:dot])
+        i = int(socket_id[dot + 1:])
+    except ValueError:
+        return None
+    if i < 0 or i >= _high or _slots[i] == NULL:
+        return None
+    cdef Conn c = <Conn>_slots[i]
+    if c.sid == 0 or c.sid != rnd or (c.state != S_WS and c.state != S_CLOSING):
+        return None
+    return c
 
 
 def connection_count():
@@ -119,12 +172,8 @@ def websocket_count():
 
 def connections():
     """A snapshot list of live connections (shutdown, admin); not for the hot path."""
-    out = []
-    cdef Conn c = _head
-    while c is not None:
-        out.append(c)
-        c = c.next
-    return out
+    cdef Py_ssize_t i
+    return [<Conn>_slots[i] for i in range(_high) if _slots[i] != NULL]
 
 
 # ---------------------------------------------------------------- the write path
@@ -297,6 +346,7 @@ cdef class Conn:
     """An asyncio protocol for one TCP connection: HTTP first, then maybe a WebSocket."""
 
     def __cinit__(self):
+        self.slot = -1
         self.fd = -1
         self.state = S_HTTP
         self.obuf = NULL
@@ -317,8 +367,8 @@ cdef class Conn:
             setsockopt(self.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
         # pause_writing/resume_writing then say exactly whether the transport holds bytes
         transport.set_write_buffer_limits(high=0)
-        self.last_seen = self.since = _now()
-        _link(self)
+        self.last_seen = self.since = _now_ms()
+        _take_slot(self)
 
     def connection_lost(self, exc):
         global _ws_count
@@ -335,12 +385,12 @@ cdef class Conn:
             free(self.obuf)
             self.obuf = NULL
             self.ocap = 0
-        _unlink(self)
         try:
             if was_ws:
                 _handler.on_close(self)
         finally:
             self.transport = None
+            _release_slot(self)
 
     def pause_writing(self):
         self.blocked = True
@@ -353,7 +403,7 @@ cdef class Conn:
 
     def data_received(self, bytes data):
         cdef Py_ssize_t n, used
-        self.last_seen = _now()
+        self.last_seen = _now_ms()
         self.ping_sent = False
         if self.state == S_WS and self.inbuf is None:
             # the common case: whole frames in one read, parsed straight from the bytes
@@ -411,7 +461,7 @@ cdef class Conn:
                 return 0
             if not self.req_started:
                 self.req_started = True
-                self.since = _now()
+                self.since = _now_ms()
             p = PyByteArray_AS_STRING(buf)
             hend = <const char*>memmem(p, n, b"\r\n\r\n", 4)
             if hend == NULL:
@@ -445,7 +495,6 @@ cdef class Conn:
                     self._send_now(b"HTTP/1.1 100 Continue\r\n\r\n")
                 return 0
             req.body = bytes(buf[hlen:total]) if clen else b""
-            req.received_at = self.last_seen
             del buf[:total]
             self.req_started = False
             if PyByteArray_GET_SIZE(buf) == 0:
@@ -477,7 +526,6 @@ cdef class Conn:
             return False
         req.body = PyBytes_FromStringAndSize(p + hlen, clen) if clen else b""
         self.since = self.last_seen
-        req.received_at = self.last_seen
         self.req_started = False
         _handler.on_request(self, req)
         return True
@@ -510,7 +558,7 @@ cdef class Conn:
             # half-close and let the peer close: closing with unread input would send an
             # RST that can destroy the answer before the client reads it
             self.state = S_DRAIN
-            self.since = _now()
+            self.since = _now_ms()
             self.inbuf = None
             if self.transport.can_write_eof():
                 self.transport.write_eof()
@@ -537,7 +585,8 @@ cdef class Conn:
                        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
         self.state = S_WS
         _ws_count += 1
-        self.since = self.last_seen = _now()
+        self.sid = _random64() >> 24 or 1  # 40 random bits: unguessable, and short
+        self.since = self.last_seen = _now_ms()
         if self.inbuf is not None:
             _call_soon(self._process)
 
@@ -682,6 +731,8 @@ cdef class Conn:
                 need = PyBytes_GET_SIZE(first) + n
             else:
                 need = self.olen + n
+            if need > 0xFFFFFFFF:
+                raise MemoryError("outbound buffer over 4 GB")
             if need > self.ocap:
                 cap = self.ocap * 2 if self.ocap else 4096
                 while cap < need:
@@ -737,7 +788,7 @@ cdef class Conn:
             self._queue(encode_close(code, reason))
             self._flush()
             self.state = S_CLOSING
-            self.since = _now()
+            self.since = _now_ms()
             self.frag = None
             try:
                 if self.transport.can_write_eof():
@@ -751,6 +802,12 @@ cdef class Conn:
     def abort(self):
         if self.transport is not None:
             self.transport.abort()
+
+    @property
+    def socket_id(self):
+        """"{random}.{slot}": unguessable (private channel signatures are bound to it) and
+        resolvable without a dict (find_socket)."""
+        return f"{self.sid}.{self.slot}"
 
     @property
     def is_websocket(self):
@@ -816,7 +873,7 @@ cdef Request _parse_head(const char* p, Py_ssize_t hlen):
         while vs < line_end and (vs[0] == 32 or vs[0] == 9):
             vs += 1
         ve = line_end
-        while ve > vs and (ve[-1] == 32 or ve[-1] == 9):
+        while ve > vs and ((ve - 1)[0] == 32 or (ve - 1)[0] == 9):
             ve -= 1
         nlen = colon - p
         if nlen <= 256:
@@ -912,34 +969,40 @@ def sweep(double activity_timeout, double pong_timeout, double request_timeout,
           double idle_timeout, double closing_timeout):
     """Pings silent sockets, closes dead ones (4201), slow requests (408) and idle ones.
 
-    One pass over the connection list replaces a timer per connection.
+    One pass over the connection table replaces a timer per connection.
     """
-    cdef double now = _now()
-    cdef Conn c = _head
-    cdef Conn nxt
+    cdef unsigned int now = _now_ms()
+    cdef unsigned int pong_ms = <unsigned int>(pong_timeout * 1000)
+    cdef unsigned int activity_ms = <unsigned int>(activity_timeout * 1000)
+    cdef unsigned int request_ms = <unsigned int>(request_timeout * 1000)
+    cdef unsigned int idle_ms = <unsigned int>(idle_timeout * 1000)
+    cdef unsigned int closing_ms = <unsigned int>(closing_timeout * 1000)
+    cdef Conn c
+    cdef Py_ssize_t i
     cdef int closed = 0
-    while c is not None:
-        nxt = c.next
+    for i in range(_high):
+        if _slots[i] == NULL:
+            continue
+        c = <Conn>_slots[i]  # a reference: closing below may release the slot
         if c.state == S_WS:
             if c.ping_sent:
-                if now - c.since > pong_timeout:
+                if <unsigned int>(now - c.since) > pong_ms:
                     c.close(4201, "Pong reply not received")
                     closed += 1
-            elif now - c.last_seen > activity_timeout:
+            elif <unsigned int>(now - c.last_seen) > activity_ms:
                 c.ping_sent = True
                 c.since = now
                 c._queue(_PING)
         elif c.state == S_HTTP:
-            if c.req_started and now - c.since > request_timeout:
+            if c.req_started and <unsigned int>(now - c.since) > request_ms:
                 c._http_error(408, "request not completed in time")
                 closed += 1
-            elif not c.held and now - c.last_seen > idle_timeout:
+            elif not c.held and <unsigned int>(now - c.last_seen) > idle_ms:
                 c.close()
                 closed += 1
-        elif (c.state == S_CLOSING or c.state == S_DRAIN) and now - c.since > closing_timeout:
+        elif (c.state == S_CLOSING or c.state == S_DRAIN) and <unsigned int>(now - c.since) > closing_ms:
             c.transport.abort()
             closed += 1
-        c = nxt
     return closed
 
 

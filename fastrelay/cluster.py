@@ -161,7 +161,7 @@ class Cluster:
             args=[self.id, user_id, orjson.dumps(info), f"{app_id}\0{channel}", limit])
         if status == 1:
             self.bus.send("pm", [app_id, channel, 1, user_id, info, socket_id])
-            self._member_frame(app_id, channel, 1, user_id, info, self.node.sockets.get(socket_id))
+            self._member_frame(app_id, channel, 1, user_id, info, _core.find_socket(socket_id))
             self.node.on_member_added(self._channel(app_id, channel), user_id)
         return status, self._parse(fields)
 
@@ -191,7 +191,7 @@ class Cluster:
 
     def _on_presence_message(self, body: list) -> None:
         app_id, channel, added, user_id, info, socket_id = body
-        exclude = self.node.sockets.get(socket_id) if socket_id else None
+        exclude = _core.find_socket(socket_id) if socket_id else None
         self._member_frame(app_id, channel, added, user_id, info, exclude)
 
     def _member_frame(self, app_id: str, channel: str, added: int, user_id: str, info: Any,

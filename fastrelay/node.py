@@ -64,9 +64,9 @@ class Node:
         self.bus: Bus = bus or LocalBus()
         self.audit = audit
         self.channels = ChannelTable()
-        self.sockets: dict[str, _core.Conn] = {}  # socket_id -> connection
         self.users: dict[tuple[str, str], set[_core.Conn]] = {}  # signed-in connections
         self.watchers: dict[tuple[str, str], set[_core.Conn]] = defaultdict(set)
+        self.watchlists: dict[_core.Conn, list[str]] = {}  # a signed-in socket's watchlist
         self.app_counts: dict[str, int] = defaultdict(int)
         self.caches: dict[tuple[str, str], tuple[bytes, float, Event]] = {}
         self.protocol = PusherProtocol(self)
@@ -115,14 +115,13 @@ class Node:
     # ------------------------------------------------------------------ connections
 
     def register(self, conn: _core.Conn) -> None:
-        self.sockets[conn.socket_id] = conn
         self.app_counts[conn.app.id] += 1
         self.stats.connections_opened += 1
         if self.cluster is not None:
             self.cluster.conns_changed(conn.app.id)
 
     def unregister(self, conn: _core.Conn) -> None:
-        if self.sockets.pop(conn.socket_id, None) is not None:
+        if conn.app is not None:
             self.app_counts[conn.app.id] -= 1
             if self.cluster is not None:
                 self.cluster.conns_changed(conn.app.id)
@@ -154,9 +153,7 @@ class Node:
         else:
             conns.add(conn)
         if watchlist:
-            extra = conn.extra if conn.extra is not None else {}
-            extra["watchlist"] = watchlist
-            conn.extra = extra
+            self.watchlists[conn] = watchlist
             for uid in watchlist:
                 self.watchers[(app_id, uid)].add(conn)
             online = [uid for uid in watchlist if (app_id, uid) in self.users]
@@ -173,15 +170,15 @@ class Node:
             if not conns:
                 del self.users[key]
                 self._watch_event(app_id, conn.user_id, "offline")
-        if conn.extra and "watchlist" in conn.extra:
-            for uid in conn.extra.pop("watchlist"):
+        watchlist = self.watchlists.pop(conn, None)
+        if watchlist:
+            for uid in watchlist:
                 w = self.watchers.get((app_id, uid))
                 if w is not None:
                     w.discard(conn)
                     if not w:
                         del self.watchers[(app_id, uid)]
         conn.user_id = None
-        conn.user = None
 
     def _watch_event(self, app_id: str, user_id: str, name: str) -> None:
         watchers = self.watchers.get((app_id, user_id))
@@ -236,7 +233,7 @@ class Node:
         if self.cfg.event_ttl and time.time() - event.accepted_at > self.cfg.event_ttl:
             self.stats.stale_dropped += 1
             return 0
-        exclude = self.sockets.get(event.socket_id) if event.socket_id else None
+        exclude = _core.find_socket(event.socket_id) if event.socket_id else None
         sent = 0
         for name in event.channels:
             msg: dict[str, Any] = {"event": event.name, "channel": name, "data": event.data}

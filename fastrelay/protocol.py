@@ -4,7 +4,6 @@ client events, sign-in and watchlists. Framing is the compiled core's; this is t
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from typing import TYPE_CHECKING, Any
@@ -44,12 +43,6 @@ def error(code: int | None, text: str) -> bytes:
 PONG = message("pusher:pong")
 
 
-def new_socket_id() -> str:
-    # unguessable: a socket id is what a private channel's signature is bound to
-    n = int.from_bytes(os.urandom(8), "big")
-    return f"{n >> 34}.{n & 0x3FFFFFFFF}"
-
-
 def valid_socket_id(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 64 and _SOCKET_ID.match(value) is not None
 
@@ -83,7 +76,6 @@ class PusherProtocol:
         if node.cfg.max_connections and node.websocket_count() > node.cfg.max_connections:
             return self.refuse(conn, 4100, "Over capacity")
         conn.app = app
-        conn.socket_id = new_socket_id()
         node.register(conn)
         conn.send(message("pusher:connection_established", {
             "socket_id": conn.socket_id,
@@ -99,7 +91,7 @@ class PusherProtocol:
         log.info("connection refused", extra={"code": code, "reason": text})
 
     def _signin_deadline(self, conn: Conn) -> None:
-        if conn.is_websocket and conn.user is None:
+        if conn.is_websocket and conn.user_id is None:
             self.refuse(conn, 4009, "Connection not authorized within timeout")
 
     # ------------------------------------------------------------------ messages
@@ -410,7 +402,6 @@ class PusherProtocol:
             watchlist = watchlist[:MAX_WATCHLIST]
         if conn.user_id is not None:
             self.node.sign_out(conn)
-        conn.user = user
         conn.user_id = uid
         conn.send(message("pusher:signin_success", {"user_data": user_data}))
         self.node.sign_in(conn, [str(w) for w in watchlist])
