@@ -43,7 +43,12 @@ import orjson
 import picows
 
 from bench.common import (
-    N_BUCKETS, free_port, hist_merge, hist_percentiles, pusher_signed_path, raise_nofile,
+    N_BUCKETS,
+    free_port,
+    hist_merge,
+    hist_percentiles,
+    pusher_signed_path,
+    raise_nofile,
     tree_rss_kib,
 )
 from bench.httpclient import HTTPConnection

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+import zlib
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
@@ -21,7 +22,8 @@ from typing import Any
 
 from fastrelay.events import Event
 
-from .spill import SpillFile, dumps
+from .journal import Journal
+from .spill import _HEADER, SpillFile, dumps
 
 log = logging.getLogger("fastrelay.audit")
 
@@ -55,9 +57,20 @@ class AuditStats:
     spilled_rows: int = 0  # rows appended to the spill file
     replayed_rows: int = 0  # rows written back from the spill file
     rejected_rows: int = 0  # rows the database refused as invalid, kept in audit.rejected
+    journal_errors: int = 0  # record() calls refused because the journal write failed
+    journal_replayed_rows: int = 0  # rows replayed from journals of dead processes at start
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+class _Bad:
+    """Something record() could not turn into a row: the writer rejects it (kept, not lost)."""
+
+    __slots__ = ("item", "error")
+
+    def __init__(self, item: Any, error: BaseException) -> None:
+        self.item, self.error = item, error
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -68,10 +81,14 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 class AuditLog(ABC):
     """An append-only record of accepted events, written off the hot path in batches.
 
-    `record()` only appends to an in-memory deque; a single writer task drains it every
-    `flush_interval` seconds or `batch_rows` rows. If the database fails, batches go to an
-    fsync'd spill file under `data_dir` and are written back, in order, once it is healthy;
-    while anything is spilled new batches are spilled too, so the write-back stays ordered.
+    `record()` appends the row to this process's write-ahead journal (one write(2) to the
+    page cache, no fsync: survives a crash of the process, not of the machine; see
+    journal.py) and to an in-memory deque; a single writer task drains the deque every
+    `flush_interval` seconds or `batch_rows` rows. Journal segments are dropped once their
+    rows are durable; journals left by dead processes are replayed (at start and every
+    `orphan_scan_interval`). If the database fails, batches go to an fsync'd spill file
+    under `data_dir` and are written back, in order, once it is healthy; while anything
+    is spilled new batches are spilled too, so the write-back stays ordered.
     """
 
     backend = "abstract"
@@ -79,7 +96,8 @@ class AuditLog(ABC):
     def __init__(self, data_dir: Path, *, queue_size: int = 100_000, batch_rows: int = 1000,
                  flush_interval: float = 0.005, retention_days: float = 7,
                  retry_interval: float = 0.25, max_retry_interval: float = 5.0,
-                 maintenance_interval: float = 3600.0) -> None:
+                 maintenance_interval: float = 3600.0, journal_dir: Path | None = None,
+                 journal: bool = True, journal_rotate_bytes: int = 16 << 20) -> None:
         if queue_size < 1 or batch_rows < 1:
             raise ValueError("queue_size and batch_rows must be >= 1")
         self.data_dir = Path(data_dir)
@@ -91,7 +109,7 @@ class AuditLog(ABC):
         self.max_retry_interval = max_retry_interval
         self.maintenance_interval = maintenance_interval
         self.stats = AuditStats()
-        self._queue: deque[Event | tuple[Event, str]] = deque()
+        self._queue: deque[tuple[Any, ...] | _Bad] = deque()  # rows, as journaled
         self._spill = SpillFile(self.data_dir / "audit.spill")
         self._rejected_path = self.data_dir / "audit.rejected.jsonl"
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -107,6 +125,16 @@ class AuditLog(ABC):
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._maint_task: asyncio.Task[None] | None = None
+        self._journal = (Journal(Path(journal_dir) if journal_dir is not None
+                                 else self.data_dir / "journal",
+                                 rotate_bytes=journal_rotate_bytes) if journal else None)
+        self._jdurable = 0  # journaled rows now durable, in journal order
+        self._orphans: list[tuple[int, Path]] = []  # claimed journals of dead processes
+        self._journal_warned = 0.0
+        # journals left by processes that died after our start (an old generation after a
+        # reload that could not flush, a slot that is not restarted) are looked for this often
+        self.orphan_scan_interval = 30.0
+        self._next_scan = 0.0
 
     # ---- backend hooks -------------------------------------------------------------------
 
@@ -166,6 +194,10 @@ class AuditLog(ABC):
         leftover = await self._in_io(self._spill.open)
         if leftover:
             log.warning("audit: replaying %d rows left in %s", leftover, self._spill.path)
+        if self._journal is not None:
+            # claim first: our own segment must not look like an orphan to ourselves
+            self._orphans = await self._in_io(self._journal.claim_orphans)
+            await self._in_io(self._journal.open)
         try:
             await self._open()
             self._db_ok = True
@@ -181,20 +213,45 @@ class AuditLog(ABC):
             self._maint_task = asyncio.create_task(self._maintain(), name="audit-maintenance")
 
     def record(self, event: Event, replay_of: str | None = None) -> bool:
-        """Queues the event for writing; False when the queue is full (refuse the event).
+        """Journals and queues the event; False when it cannot (refuse the event: 503).
 
-        Call from the event loop thread. `replay_of` is the original id when re-sending.
+        True means the row is in the journal (page cache: survives kill -9 of this process,
+        not a power loss; no fsync here by design) and queued for the database. O(1), one
+        write(2), no waiting. Call from the event loop thread. `replay_of` is the original
+        id when re-sending.
         """
         q = self._queue
         if len(q) >= self.queue_size or self._closing:
             self.stats.refused += 1
             return False
-        q.append(event if replay_of is None else (event, replay_of))
+        try:
+            row: tuple[Any, ...] | _Bad = (
+                event.id, event.app_id, list(event.channels), event.name, event.data,
+                event.socket_id, event.source, event.accepted_at, event.user_id, replay_of)
+        except Exception as exc:  # not an Event: the writer puts it in audit.rejected.jsonl
+            row = _Bad(event if replay_of is None else (event, replay_of), exc)
+        else:
+            j = self._journal
+            if j is not None:
+                payload = dumps((row,))
+                if not j.append(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload):
+                    self.stats.refused += 1
+                    self.stats.journal_errors += 1
+                    self._journal_failed()
+                    return False
+        q.append(row)
         self.stats.recorded += 1
         w = self._waiter
         if w is not None and len(q) >= self._wake_at and not w.done():
             w.set_result(None)
         return True
+
+    def _journal_failed(self) -> None:
+        now = time.monotonic()
+        if now - self._journal_warned > 10:
+            self._journal_warned = now
+            log.error("audit: cannot append to the journal in %s (disk full?); refusing "
+                      "events", self._journal.dir if self._journal else "?")
 
     async def flush(self) -> None:
         """Returns once everything recorded so far is in the database or the spill file."""
@@ -233,10 +290,20 @@ class AuditLog(ABC):
                 self._maint_task.cancel()
                 await asyncio.gather(self._maint_task, return_exceptions=True)
             await self._in_io(self._spill.close)
+            self._close_journal()
             await self._close()
             assert self._io is not None
             self._io.shutdown(wait=True)
             self._task = None
+
+    def _close_journal(self) -> None:
+        for fd, _ in self._orphans:  # not replayed yet: left for the next start
+            os.close(fd)
+        self._orphans = []
+        j = self._journal
+        if j is not None and j.fd >= 0:
+            # every journaled row durable: nothing to replay, delete; else keep for next start
+            j.close(remove=self._jdurable >= j.appended and self._pending is None)
 
     # ---- writer --------------------------------------------------------------------------
 
@@ -269,22 +336,22 @@ class AuditLog(ABC):
     async def _take(self) -> list[Any]:
         q, n = self._queue, min(len(self._queue), self.batch_rows)
         items = [q.popleft() for _ in range(n)]
-        try:
-            return [event_row(x) for x in items]
-        except Exception:
+        rows = [x for x in items if type(x) is tuple]
+        if len(rows) != len(items):
             # A malformed event must neither block the log nor vanish: keep its repr.
-            rows, bad = [], []
-            for x in items:
-                try:
-                    rows.append(event_row(x))
-                except Exception as exc:
-                    bad.append((repr(x), repr(exc)))
+            bad = [(repr(x.item), repr(x.error)) for x in items if type(x) is _Bad]
             await self._reject(bad)
-            self._mark_durable(len(bad))
-            return rows
+            self._mark_durable(len(bad), journaled=False)
+        return rows
 
-    def _mark_durable(self, n: int) -> None:
+    def _mark_durable(self, n: int, journaled: bool = True) -> None:
         self._durable += n
+        j = self._journal
+        if journaled and j is not None and j.fd >= 0:
+            # rows become durable in the order they were recorded (the queue is FIFO, a
+            # failed batch is retried before newer ones), so a count is a journal position
+            self._jdurable += n
+            j.release(self._jdurable)
         if self._flush_waiters:
             done = self._durable
             keep = []
@@ -298,8 +365,17 @@ class AuditLog(ABC):
     async def _run(self) -> None:
         assert self._loop is not None
         loop, q = self._loop, self._queue
+        if self._orphans:
+            await self._recover()
+        self._next_scan = loop.time() + self.orphan_scan_interval
         while True:
             try:
+                if self._journal is not None and loop.time() >= self._next_scan \
+                        and not self._closing:
+                    self._next_scan = loop.time() + self.orphan_scan_interval
+                    self._orphans += await self._in_io(self._journal.claim_orphans)
+                    if self._orphans:
+                        await self._recover()
                 if not q and self._pending is None:
                     if self._closing:
                         if self._spill.pending and self._db_ok:
@@ -308,6 +384,9 @@ class AuditLog(ABC):
                     timeout = None
                     if self._spill.pending:
                         timeout = max(0.0, self._next_retry - loop.time())
+                    if self._journal is not None:
+                        scan = max(0.0, self._next_scan - loop.time())
+                        timeout = scan if timeout is None else min(timeout, scan)
                     await self._wait(timeout, 1)
                 elif (len(q) < self.batch_rows and self._pending is None and not self._closing
                       and not self._flush_waiters and self.flush_interval > 0):
@@ -322,6 +401,29 @@ class AuditLog(ABC):
             except Exception:  # a bug must not kill the writer: rows stay in _pending/queue
                 log.exception("audit writer error")
                 await asyncio.sleep(self._backoff)
+
+    async def _recover(self) -> None:
+        """Replays journals of dead processes: into the database, else the spill file."""
+        while self._orphans:
+            fd, path = self._orphans[0]
+            try:
+                rows = await self._in_io(Journal.read_rows, fd, path)
+                for i in range(0, len(rows), self.batch_rows):
+                    left = rows[i:i + self.batch_rows]
+                    if self._db_ok and not self._spill.pending:
+                        left = await self._write_db(left)  # idempotent by id
+                    if left:
+                        await self._in_io(self._spill.append, left)
+                        self.stats.spilled_rows += len(left)
+                self.stats.journal_replayed_rows += len(rows)
+                self._orphans.pop(0)
+                await self._in_io(Journal.discard, fd, path)
+                log.warning("audit: replayed %d rows from the journal %s of a process that "
+                            "stopped without flushing", len(rows), path.name)
+            except Exception:
+                log.exception("audit: cannot replay journal %s; kept for the next start", path)
+                self._orphans.pop(0)
+                os.close(fd)
 
     async def _commit(self, rows: list[Any]) -> None:
         if self._db_ok and not self._spill.pending:
