@@ -204,9 +204,13 @@ class Node:
     def accept(self, events: list[Event]) -> bool:
         """Intake's last step: audit, then the bus. False when the audit cannot take them
         (the caller answers 503: an event is accepted only once it is queued for the audit)."""
-        if self.audit is not None:
+        audit = self.audit
+        if audit is not None:
+            if not audit.has_room(len(events)):
+                self.stats.audit_refused += 1
+                return False
             for ev in events:
-                if not self.audit.record(ev):
+                if not audit.record(ev):  # the journal could not be written (disk full)
                     self.stats.audit_refused += 1
                     return False
         for ev in events:

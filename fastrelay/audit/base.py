@@ -212,6 +212,10 @@ class AuditLog(ABC):
         if self.maintenance_interval > 0:
             self._maint_task = asyncio.create_task(self._maintain(), name="audit-maintenance")
 
+    def has_room(self, n: int) -> bool:
+        """Whether n more events fit now: a batch is checked whole, so it is accepted whole."""
+        return len(self._queue) + n <= self.queue_size and not self._closing
+
     def record(self, event: Event, replay_of: str | None = None) -> bool:
         """Journals and queues the event; False when it cannot (refuse the event: 503).
 
