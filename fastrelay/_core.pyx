@@ -24,7 +24,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import base64
 import hashlib
-import hmac as _hmac
+from _hashlib import hmac_digest as _hmac_digest  # OpenSSL's one-shot HMAC, no Python frame
 
 cdef extern from "sys/socket.h" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
@@ -1009,7 +1009,7 @@ def sweep(double activity_timeout, double pong_timeout, double request_timeout,
 # ---------------------------------------------------------------- signatures
 
 cpdef str hmac_sha256_hex(bytes key, bytes message):
-    return _hmac.digest(key, message, "sha256").hex()
+    return _hmac_digest(key, message, "sha256").hex()
 
 
 cpdef bint constant_time_equal(bytes a, bytes b):
@@ -1036,7 +1036,7 @@ cpdef bint verify_hmac(bytes key, bytes message, object signature):
         return False
     else:
         signature = (<bytes>signature).lower()
-    expected = _hmac.digest(key, message, "sha256").hex().encode("ascii")
+    expected = _hmac_digest(key, message, "sha256").hex().encode("ascii")
     return constant_time_equal(expected, signature)
 
 

@@ -74,23 +74,32 @@ class HttpApi:
 
     def handle(self, conn: Conn, req: Request) -> None:
         path = req.path
-        ops = getattr(self.node, "ops", None)  # metrics.Ops, set by server.serve
-        status = 200  # counted per route; answers sent later from a task count as 200
+        ops = self.node.ops
+        route = "unknown"  # a bounded label for the metrics (never the raw path)
+        status = 200  # answers sent later from a task count as 200
         try:
             if path.startswith("/app/"):
-                status = 101
+                route, status = "websocket", 101
                 self.upgrade(conn, req)
             elif path.startswith("/apps/"):
-                self.api(conn, req)
+                parts = path.split("/")
+                name, arg = self._route(parts[3:])
+                route = f"pusher:{name}"
+                self.api(conn, req, parts, name, arg)
             elif path.startswith("/users/") and path.endswith("/terminate_connections"):
                 # the Pusher Python SDK (3.3) leaves out /apps/{id}: find the app by auth_key
+                route = "pusher:terminate_connections"
                 app = self.node.apps.by_key(parse_query(req.query).get("auth_key", ""))
                 if app is None:
                     raise HttpError(404, "unknown app")
-                self.api(conn, req, app, ["", "apps", app.id] + path.split("/")[1:])
+                parts = ["", "apps", app.id] + path.split("/")[1:]
+                name, arg = self._route(parts[3:])
+                self.api(conn, req, parts, name, arg, app)
             elif path == "/up":
+                route = "up"
                 conn.respond(200, b"OK", b"text/plain", None, req.keep_alive)
             elif path == "/ready":
+                route = "ready"
                 if ops is None:
                     if self.node.draining:
                         raise HttpError(503, "draining")
@@ -98,12 +107,18 @@ class HttpApi:
                 else:
                     ops.serve_ready(conn, req)
             elif path == "/metrics" and ops is not None and not self.node.cfg.metrics_port:
+                route = "metrics"
                 ops.serve_metrics(conn, req)
             elif (path == "/console" or path.startswith("/console/")) and ops is not None:
+                route = "console"
                 ops.console_handler().handle(conn, req)
             elif path.startswith("/api/"):
-                if req.method == "POST" and path.rstrip("/") == "/api/events":
-                    status = 202
+                if path.rstrip("/").endswith("/replay"):
+                    route = "intake:replay"
+                else:
+                    route = "intake:events"
+                    if req.method == "POST":
+                        status = 202
                 self.node.intake.handle(conn, req)
             else:
                 raise HttpError(404, f"no route for {path[:100]}")
@@ -115,7 +130,7 @@ class HttpApi:
             raise
         finally:
             if ops is not None:
-                ops.count_http(req, status)
+                ops.count_http(route, status)
 
     # ------------------------------------------------------------------ WebSocket
 
@@ -136,13 +151,12 @@ class HttpApi:
 
     # ------------------------------------------------------------------ the Pusher HTTP API
 
-    def api(self, conn: Conn, req: Request, app: App | None = None,
-            parts: list[str] | None = None) -> None:
-        parts = parts or req.path.split("/")  # ["", "apps", id, ...]
+    def api(self, conn: Conn, req: Request, parts: list[str], route: str | None, arg: str | None,
+            app: App | None = None) -> None:
+        """The Pusher HTTP API. parts: the path split on "/" as ["", "apps", id, ...]."""
         app = app or self.node.apps.by_id(unquote(parts[2]))
         if app is None:
             raise HttpError(404, "unknown app")
-        route, arg = self._route(parts[3:])
         if route is None:
             raise HttpError(404, f"no route for {req.path[:100]}")
         handler = self.routes.get((req.method, route))

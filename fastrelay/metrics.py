@@ -80,24 +80,6 @@ class Histogram:
         return out
 
 
-def route_label(method: str, path: str) -> str:
-    """A bounded label for a request path (never the raw path: that would be unbounded)."""
-    if path.startswith("/app/"):
-        return "websocket"
-    if path.startswith("/apps/"):
-        from .http_api import HttpApi
-
-        route, _ = HttpApi._route(path.split("/")[3:])
-        return f"pusher:{route}" if route else "pusher:unknown"
-    if path.startswith("/api/events"):
-        return "intake:replay" if path.rstrip("/").endswith("/replay") else "intake:events"
-    if path in ("/up", "/ready", "/metrics"):
-        return path[1:]
-    if path.startswith("/console"):
-        return "console"
-    return "unknown"
-
-
 class Ops:
     """One per worker: the metrics exposition (read from `node.stats` and the other parts at
     scrape time), readiness, HTTP request counts and the console's live feed."""
@@ -105,7 +87,7 @@ class Ops:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.worker = worker_id()
-        self.http: dict[tuple[str, str], int] = {}
+        self.http: dict[tuple[str, int], int] = {}
         self.loop_lag = 0.0
         self.console: dict[str, Any] = {}  # app id -> the console channel, while one is open
         self.started = time.time()
@@ -126,8 +108,8 @@ class Ops:
             self._console = Console(self.node, self)
         return self._console
 
-    def count_http(self, req: Request, status: int | str) -> None:
-        key = (route_label(req.method, req.path), str(status))
+    def count_http(self, route: str, status: int) -> None:
+        key = (route, status)
         self.http[key] = self.http.get(key, 0) + 1
 
     def tap(self, event: Any, sent: int) -> None:
@@ -419,7 +401,7 @@ class _NodeCollector:
         http = CounterMetricFamily("fastrelay_http_requests", "HTTP requests by route and status",
                                    labels=["route", "status"])
         for (route, status), n in sorted(ops.http.items()):
-            http.add_metric([route, status], n)
+            http.add_metric([route, str(status)], n)
         out.append(http)
         intake = node.intake
         counter("fastrelay_rate_limited", "API requests refused with 429 (per-app rate limit)",
