@@ -23,6 +23,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--url", default="http://127.0.0.1:6001", help="WebSocket + HTTP API base URL")
     g.add_argument("--publish-url", default=None, help="HTTP API base for triggers (default --url)")
+    g.add_argument("--sub-urls", default=None,
+                   help="comma-separated base URLs of cluster nodes; subscribers are spread over "
+                        "them round-robin (default: --url)")
     g.add_argument("--app-id", default="app1")
     g.add_argument("--key", default="key1")
     g.add_argument("--secret", default="secret1")
@@ -134,7 +137,8 @@ def _outputs(o: argparse.Namespace, name: str) -> tuple[str | None, str | None]:
 
 
 async def cmd_single(o: argparse.Namespace) -> int:
-    ep = Endpoint(o.url, o.publish_url or o.url, o.app_id, o.key, o.secret)
+    ep = Endpoint(o.url, o.publish_url or o.url, o.app_id, o.key, o.secret,
+                  tuple(u for u in (o.sub_urls or "").split(",") if u))
     res = await run_one(o, ep, o.pid)
     print(report.table(res), flush=True)
     jpath, ppath = _outputs(o, o.scenario)

@@ -254,12 +254,20 @@ class Endpoint:
     app_id: str
     key: str
     secret: str
+    sub_urls: tuple[str, ...] = ()  # a cluster: subscribers spread over these nodes
 
     @property
     def ws_url(self) -> str:
-        u = urlsplit(self.url)
-        scheme = "wss" if u.scheme in ("https", "wss") else "ws"
-        return f"{scheme}://{u.netloc}/app/{self.key}?protocol=7&client=bench&version=1.0"
+        return self.ws_urls[0]
+
+    @property
+    def ws_urls(self) -> list[str]:
+        out = []
+        for base in self.sub_urls or (self.url,):
+            u = urlsplit(base)
+            scheme = "wss" if u.scheme in ("https", "wss") else "ws"
+            out.append(f"{scheme}://{u.netloc}/app/{self.key}?protocol=7&client=bench&version=1.0")
+        return out
 
     @property
     def publish_hostport(self) -> tuple[str, int]:

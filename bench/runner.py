@@ -48,7 +48,7 @@ class Fleet:
 
     def __init__(
         self,
-        url: str,
+        urls: list[str],
         channels: list[str | None],
         procs: int,
         concurrency: int,
@@ -58,7 +58,7 @@ class Fleet:
         procs = max(1, min(procs, len(channels))) if channels else 0
         self.chunks = [channels[i::procs] for i in range(procs)]
         self.cfg = {
-            "url": url,
+            "urls": urls,
             "concurrency": max(1, concurrency // max(1, procs)),
             "timeout": timeout,
             "lifetime": lifetime,
@@ -412,7 +412,7 @@ async def run_publish(o: argparse.Namespace, ep: Endpoint, pid: int | None) -> d
         channels = [f"intake-{run_id}-{i}" for i in range(k)]
     conn_channels: list[str | None] = [channels[i % k] for i in range(n_conns)]
     budget = o.warmup + o.duration + o.drain + o.connect_timeout + 60
-    fleet = Fleet(ep.ws_url, conn_channels, o.procs, o.concurrency, o.connect_timeout, budget)
+    fleet = Fleet(ep.ws_urls, conn_channels, o.procs, o.concurrency, o.connect_timeout, budget)
     pub = Publisher(ep, o.endpoint, channels, o.payload)
     prog = Progress(o.label or scenario, fleet if n_conns else None, pub)
     res: dict[str, Any] = {
@@ -570,7 +570,7 @@ async def run_connections(o: argparse.Namespace, ep: Endpoint, pid: int | None) 
     raise_nofile()
     n = int(o.connections)
     budget = o.connect_timeout + n / 200 + o.hold + 60
-    fleet = Fleet(ep.ws_url, [None] * n, o.procs, o.concurrency, o.connect_timeout, budget)
+    fleet = Fleet(ep.ws_urls, [None] * n, o.procs, o.concurrency, o.connect_timeout, budget)
     prog = Progress(o.label or "connections", None, None)
     res: dict[str, Any] = {
         "scenario": "connections",

@@ -220,8 +220,10 @@ async def _worker(conn: Connection, cfg: dict[str, Any]) -> None:
                 t0 = time.monotonic()
                 cpu_c0 = self_cpu_s()
                 chans: list[str | None] = cfg["channels"]
+                urls: list[str] = cfg["urls"]
                 res = await asyncio.gather(
-                    *(_open_one(cfg["url"], ch, sem, float(cfg["timeout"]), subs) for ch in chans)
+                    *(_open_one(urls[i % len(urls)], ch, sem, float(cfg["timeout"]), subs)
+                      for i, ch in enumerate(chans))
                 )
                 t1 = time.monotonic()
                 per_channel: dict[str, int] = {}
