@@ -42,6 +42,17 @@ def reply(conn: Conn, req: Request, status: int, body: Any,
     conn.respond(status, orjson.dumps(body), b"application/json", headers, req.keep_alive)
 
 
+def json_body(req: Request) -> dict:
+    """The request's JSON object body, or a 400 that says what is wrong with it."""
+    try:
+        body = orjson.loads(req.body)
+    except orjson.JSONDecodeError:
+        raise HttpError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise HttpError(400, "the body must be a JSON object")
+    return body
+
+
 def answer_later(node: Node, conn: Conn, req: Request, coro: Any) -> None:
     """Answers from a task (a query that awaits Redis or the database); the connection reads
     nothing more until then, so pipelined answers stay in order."""
@@ -184,15 +195,6 @@ class HttpApi:
             return "terminate_connections", unquote(rest[1])
         return None, None
 
-    def _json(self, req: Request) -> dict:
-        try:
-            body = orjson.loads(req.body)
-        except orjson.JSONDecodeError:
-            raise HttpError(400, "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise HttpError(400, "the body must be a JSON object")
-        return body
-
     def _event(self, app: App, item: dict, batch: bool) -> tuple[Event, list[str]]:
         name = item.get("name")
         if not isinstance(name, str) or not name:
@@ -256,7 +258,7 @@ class HttpApi:
         self.node.intake.accepted(events)
 
     def trigger(self, conn: Conn, req: Request, app: App, params: dict, arg: Any) -> None:
-        event, attrs = self._event(app, self._json(req), batch=False)
+        event, attrs = self._event(app, json_body(req), batch=False)
         # answer first: the publisher should not wait for the fan-out
         self._accept(app, [event])
         if attrs:
@@ -269,7 +271,7 @@ class HttpApi:
         reply(conn, req, 200, {"channels": await self._info(app, event.channels, attrs)})
 
     def batch(self, conn: Conn, req: Request, app: App, params: dict, arg: Any) -> None:
-        items = self._json(req).get("batch")
+        items = json_body(req).get("batch")
         if not isinstance(items, list) or not items:
             raise HttpError(400, "batch must be a non-empty list")
         if len(items) > app.max_batch_size:

@@ -19,7 +19,7 @@ from . import channels as kinds
 from ._core import Conn, Request, parse_query, unquote, verify_hmac
 from .apps import App
 from .events import Event, new_event_id
-from .http_api import MAX_EVENT_NAME, HttpError, answer_later, reply
+from .http_api import MAX_EVENT_NAME, HttpError, answer_later, json_body, reply
 from .idempotency import IdempotencyStore, RedisIdempotencyStore
 from .protocol import valid_socket_id
 from .ratelimit import RateLimiter
@@ -124,12 +124,7 @@ class Intake:
     # ------------------------------------------------------------------ POST /api/events
 
     def post_event(self, conn: Conn, req: Request) -> None:
-        try:
-            body = orjson.loads(req.body)
-        except orjson.JSONDecodeError:
-            raise HttpError(400, "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise HttpError(400, "the body must be a JSON object")
+        body = json_body(req)
         app = self.authenticate(req, body.get("app_key"))
         if self.node.draining:
             raise HttpError(503, "draining", [("Retry-After", "1")])

@@ -203,13 +203,17 @@ class PusherProtocol:
             else:
                 entry[0] += 1
                 entry[1] = user_info
+        self._join(conn, ch, user_id)
+        conn.send(self._succeeded(ch, name))
+        self._subscribed(conn, ch, created)
+
+    @staticmethod
+    def _join(conn: Conn, ch: Channel, user_id: str | None) -> None:
         ch.members[conn] = user_id
         if conn.channels is None:
             conn.channels = [ch]
         else:
             conn.channels.append(ch)
-        conn.send(self._succeeded(ch, name))
-        self._subscribed(conn, ch, created)
 
     def _subscribed(self, conn: Conn, ch: Channel, created: bool) -> None:
         """What follows a confirmed subscription: the cache, and the channel's edges."""
@@ -263,11 +267,7 @@ class PusherProtocol:
         else:
             entry[0] += 1
             entry[1] = info
-        ch.members[conn] = user_id
-        if conn.channels is None:
-            conn.channels = [ch]
-        else:
-            conn.channels.append(ch)
+        self._join(conn, ch, user_id)
         members[user_id] = info
         cluster.joined(app.id, name, members)
         conn.send(self._presence_succeeded(name, members))

@@ -21,10 +21,8 @@ from hashlib import sha256
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from .._core import Conn, Request, parse_query
-from ..http_api import HttpError, reply
+from ..http_api import HttpError, json_body, reply
 from ..metrics import CONSOLE_CHANNEL
 from ..signatures import sign_channel
 
@@ -102,15 +100,6 @@ class Console:
             self._page = PAGE.read_bytes()
         return self._page
 
-    def _json(self, req: Request) -> dict[str, Any]:
-        try:
-            body = orjson.loads(req.body)
-        except orjson.JSONDecodeError:
-            raise HttpError(400, "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise HttpError(400, "the body must be a JSON object")
-        return body
-
     def _app(self, app_id: Any) -> Any:
         app = self.node.apps.by_id(str(app_id)) if app_id is not None else None
         if app is None:
@@ -146,7 +135,7 @@ class Console:
         }, [("Cache-Control", "no-store")])
 
     def auth(self, conn: Conn, req: Request) -> None:
-        body = self._json(req)
+        body = json_body(req)
         app = self._app(body.get("app_id"))
         socket_id = body.get("socket_id")
         if not isinstance(socket_id, str) or not socket_id:
@@ -155,7 +144,7 @@ class Console:
                                "channel": CONSOLE_CHANNEL})
 
     def send(self, conn: Conn, req: Request) -> None:
-        body = self._json(req)
+        body = json_body(req)
         app = self._app(body.get("app_id"))
         data = body.get("data", "")
         item = {"name": body.get("event"), "channel": body.get("channel"), "data": data}
