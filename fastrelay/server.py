@@ -78,6 +78,7 @@ async def serve(cfg: Config, apps: AppManager, sock: socket.socket | None = None
         worker = os.environ.get("FASTRELAY_WORKER")  # set by the supervisor
         audit = open_audit(cfg.database_url or None, Path(cfg.data_dir),
                            retention_days=cfg.audit_retention_days,
+                           flush_interval=cfg.audit_flush_interval, batch_rows=cfg.audit_batch_rows,
                            spill_dir=Path(cfg.data_dir) / f"worker-{worker}" if worker else None)
         await audit.start()
     redis = make_redis(cfg)
