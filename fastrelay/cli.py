@@ -173,6 +173,67 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _signed_call(args: argparse.Namespace, method: str, path: str,
+                 params: dict[str, str] | None = None) -> tuple[int, dict]:
+    """A signed request to the server's intake API; (status, JSON answer)."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from .signatures import sign_api_request
+
+    cfg = _load(args)
+    base, _, ctx, app = _target(args, cfg)
+    query = urllib.parse.urlencode(sign_api_request(app.key, app.secret, method, path,
+                                                    params=params))
+    req = urllib.request.Request(f"{base}{path}?{query}", method=method, data=b"" if method == "POST"
+                                 else None)
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+    except (urllib.error.URLError, OSError) as e:
+        raise SystemExit(_fail(f"cannot reach {base}: {getattr(e, 'reason', e)}. Is the server "
+                               "running, and do --url / host / port point at it?")) from None
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """`events tail`: the audit log's newest events, then new ones as they come;
+    `events replay ID`: sends a stored event again to its channels."""
+    import json
+    import time
+
+    if args.events_command == "replay":
+        status, body = _signed_call(args, "POST", f"/api/events/{args.id}/replay")
+        if status != 202:
+            return _fail(f"the server answered {status}: {body.get('error', body)}")
+        print(f"replayed {args.id} as {body['id']}", file=sys.stderr)
+        return 0
+    params = {"limit": str(args.limit)}
+    if args.channel:
+        params["channel"] = args.channel
+    if args.event:
+        params["event"] = args.event
+    seen: set[str] = set()
+    since: float | None = None
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    while True:
+        q = dict(params, since=repr(since)) if since is not None else params
+        status, body = _signed_call(args, "GET", "/api/events", q)
+        if status != 200:
+            return _fail(f"the server answered {status}: {body.get('error', body)}")
+        for ev in reversed(body["events"]):  # oldest first on the screen
+            if ev["id"] not in seen:
+                seen.add(ev["id"])
+                print(json.dumps(ev), flush=True)
+                since = ev["accepted_at"] if since is None else max(since, ev["accepted_at"])
+        if not args.follow or (deadline is not None and time.monotonic() > deadline):
+            return 0
+        time.sleep(args.interval)
+
+
 def cmd_listen(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -410,6 +471,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("event", metavar="EVENT")
     p.add_argument("data", metavar="DATA", help="a string; JSON is sent as is")
     p.set_defaults(func=cmd_send)
+    p = sub.add_parser("events", help="the audit log: tail it, replay an event")
+    esub = p.add_subparsers(dest="events_command", required=True)
+    e = esub.add_parser("tail", help="print the newest events (JSON lines), then follow")
+    _client_args(e)
+    e.add_argument("--channel")
+    e.add_argument("--event")
+    e.add_argument("--limit", type=int, default=20)
+    e.add_argument("--no-follow", dest="follow", action="store_false", help="print and exit")
+    e.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+    e.add_argument("--timeout", type=float, default=0, help="stop following after this many seconds")
+    e.set_defaults(func=cmd_events)
+    e = esub.add_parser("replay", help="send a stored event again to its channels")
+    _client_args(e)
+    e.add_argument("id", metavar="ID")
+    e.set_defaults(func=cmd_events)
     p = sub.add_parser("listen", help="print a channel's events as JSON lines")
     _client_args(p)
     p.add_argument("channel", nargs="+", metavar="CHANNEL")

@@ -134,3 +134,27 @@ def test_doctor_passes_on_a_good_setup_and_names_fixes(tmp_path: Path, relay: An
     assert "hunter2" not in r.stdout  # passwords are masked
     r = run({**good, "FASTRELAY_LOG_FORMAT": "xml"}, "doctor", cwd=tmp_path)
     assert r.returncode == 1 and "log_format" in r.stdout and "fix:" in r.stdout
+
+
+def test_events_tail_and_replay(relay: Any) -> None:
+    import time
+    import uuid
+
+    channel = f"cli-audit-{uuid.uuid4().hex[:8]}"
+    p = listen(relay.env, "--count", "2", channel)
+    assert run(relay.env, "send", channel, "audited", '{"n": 1}').returncode == 0
+    rows: list[dict] = []
+    for _ in range(50):  # the audit writes in batches
+        r = run(relay.env, "events", "tail", "--no-follow", "--channel", channel)
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(x) for x in r.stdout.splitlines()]
+        if rows:
+            break
+        time.sleep(0.1)
+    assert [(e["name"], e["channels"], e["source"]) for e in rows] == [("audited", [channel], "api")]
+    r = run(relay.env, "events", "replay", rows[0]["id"])
+    assert r.returncode == 0 and f"replayed {rows[0]['id']}" in r.stderr, r.stderr
+    out, _ = p.communicate(timeout=20)
+    assert [json.loads(x)["event"] for x in out.splitlines()] == ["audited", "audited"]
+    r = run(relay.env, "events", "replay", "no-such-id")
+    assert r.returncode == 1 and "404" in r.stderr
