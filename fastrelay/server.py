@@ -72,64 +72,20 @@ def make_redis(cfg: Config):  # noqa: ANN201 (redis is imported lazily)
 
 async def serve(cfg: Config, apps: AppManager, sock: socket.socket | None = None,
                 stop: asyncio.Event | None = None) -> None:
+    """One worker's life: build the pipeline, listen, wait for a stop, drain and close."""
     loop = asyncio.get_running_loop()
-    audit: AuditLog | None = None
-    if cfg.audit:
-        worker = os.environ.get("FASTRELAY_WORKER")  # set by the supervisor
-        audit = open_audit(cfg.database_url or None, Path(cfg.data_dir),
-                           retention_days=cfg.audit_retention_days,
-                           flush_interval=cfg.audit_flush_interval, batch_rows=cfg.audit_batch_rows,
-                           spill_dir=Path(cfg.data_dir) / f"worker-{worker}" if worker else None)
-        await audit.start()
-    redis = make_redis(cfg)
-    apps_task = await start_apps_refresh(cfg, apps)
-    secret = cluster_secret(cfg)
-    node = Node(cfg, apps, loop, make_bus(cfg, secret), audit)
-    node.intake = Intake(node, secret, redis)
-    node.redis = redis
-    webhooks = None
-    if any(a.webhooks for a in apps.all()):
-        from .webhooks import WebhookManager
-
-        webhooks = WebhookManager(cfg, apps, redis, node=node)
-        await webhooks.start()
-        node.webhooks = webhooks  # the node's edge hooks record into it (O(1))
-    from .metrics import Ops, start_metrics_server
-
-    ops = node.ops = Ops(node)
-    ops.start()
-    if redis is not None:
-        from .cluster import Cluster
-        from .redisconn import key_prefix, parse
-
-        node.cluster = Cluster(node, redis, node.bus, key_prefix(cfg.key_prefix, parse(cfg.redis_url)))
-    _core.configure(node, loop, max_header=cfg.max_header_size, max_body=cfg.max_body_size,
-                    max_frame=cfg.max_message_size, max_outbound=cfg.max_outbound_buffer)
-    await node.bus.start(node)
-    if node.cluster is not None:
-        await node.cluster.start()
+    apps_task = await start_apps_refresh(cfg, apps)  # first: webhooks depend on the apps
+    node = await build_node(cfg, apps)
     sock = sock or listen_socket(cfg.host, cfg.port)
     # TLS: the core sees the SSL transport's sslcontext and writes through transport.write
     server = await loop.create_server(_core.Conn, sock=sock, ssl=tls_context(cfg))
-    metrics_server = (await start_metrics_server(ops, cfg.host, cfg.metrics_port)
+    from .metrics import start_metrics_server
+
+    metrics_server = (await start_metrics_server(node.ops, cfg.host, cfg.metrics_port)
                       if cfg.metrics_port else None)
     stop = stop or asyncio.Event()
-    signals = {"count": 0}
-
-    def on_signal(sig: int) -> None:
-        signals["count"] += 1
-        if signals["count"] > 1:  # a second Ctrl-C / SIGTERM: stop now
-            log.warning("second signal, exiting without draining")
-            os._exit(1)
-        log.info("signal received, draining", extra={"signal": signal.Signals(sig).name})
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
     supervised = "FASTRELAY_WORKER" in os.environ  # a supervisor owns reloads and the pid file
-    if not supervised:
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload(cfg, stop)))
-        write_pid_file(cfg)
+    install_signals(cfg, stop, supervised)
     tell_ready()
 
     async def sweeper() -> None:
@@ -140,38 +96,104 @@ async def serve(cfg: Config, apps: AppManager, sock: socket.socket | None = None
     sweep_task = loop.create_task(sweeper())
     log.info("listening", extra={"host": cfg.host, "port": cfg.port,
                                  "audit": "postgresql" if cfg.database_url else
-                                 ("sqlite" if audit else "off")})
+                                 ("sqlite" if node.audit else "off")})
     await stop.wait()
     t0 = loop.time()
     if metrics_server is not None:
         metrics_server.close()
     await shutdown(node, server, timeout=max(0.5, cfg.shutdown_timeout / 2))
     sweep_task.cancel()
-    if webhooks is not None:
-        # edges recorded so far (delayed ones too) go to the durable outbox; a short grace
-        # lets the sender deliver them, what is left goes out after the next start
-        try:
-            await asyncio.wait_for(webhooks.close(grace=min(2.0, cfg.shutdown_timeout / 4)), 5.0)
-        except Exception as e:
-            log.error("webhooks did not stop cleanly", extra={"error": repr(e)})
     if apps_task is not None:
         apps_task.cancel()
-    await ops.stop()
-    if node.intake.observers is not None:
-        await node.intake.observers.close()
-    if audit is not None:
-        # flushes: nothing accepted is lost on a clean stop (to the database, or the spill file)
-        left = max(1.0, cfg.shutdown_timeout - (loop.time() - t0))
-        try:
-            await asyncio.wait_for(audit.close(), left)
-        except TimeoutError:
-            log.error("audit flush did not finish within shutdown_timeout",
-                      extra={"queued": audit.queue_depth})
-    if redis is not None:
-        await redis.aclose()
+    await close_node(node, deadline=t0 + cfg.shutdown_timeout)
     if not supervised:
         remove_pid_file(cfg)
     log.info("stopped", extra={"seconds": round(loop.time() - t0, 3)})
+
+
+async def build_node(cfg: Config, apps: AppManager) -> Node:
+    """The pipeline's parts, started in order: audit, node (intake, webhooks, metrics,
+    cluster state), the compiled core, then the bus."""
+    loop = asyncio.get_running_loop()
+    audit: AuditLog | None = None
+    if cfg.audit:
+        worker = os.environ.get("FASTRELAY_WORKER")  # set by the supervisor
+        audit = open_audit(cfg.database_url or None, Path(cfg.data_dir),
+                           retention_days=cfg.audit_retention_days,
+                           flush_interval=cfg.audit_flush_interval, batch_rows=cfg.audit_batch_rows,
+                           spill_dir=Path(cfg.data_dir) / f"worker-{worker}" if worker else None)
+        await audit.start()
+    redis = make_redis(cfg)
+    secret = cluster_secret(cfg)
+    node = Node(cfg, apps, loop, make_bus(cfg, secret), audit)
+    node.intake = Intake(node, secret, redis)
+    node.redis = redis
+    if any(a.webhooks for a in apps.all()):
+        from .webhooks import WebhookManager
+
+        node.webhooks = WebhookManager(cfg, apps, redis, node=node)
+        await node.webhooks.start()
+    from .metrics import Ops
+
+    node.ops = Ops(node)
+    node.ops.start()
+    if redis is not None:
+        from .cluster import Cluster
+        from .redisconn import key_prefix, parse
+
+        node.cluster = Cluster(node, redis, node.bus, key_prefix(cfg.key_prefix, parse(cfg.redis_url)))
+    _core.configure(node, loop, max_header=cfg.max_header_size, max_body=cfg.max_body_size,
+                    max_frame=cfg.max_message_size, max_outbound=cfg.max_outbound_buffer)
+    await node.bus.start(node)
+    if node.cluster is not None:
+        await node.cluster.start()
+    return node
+
+
+def install_signals(cfg: Config, stop: asyncio.Event, supervised: bool) -> None:
+    """SIGTERM/SIGINT drain (a second one exits at once); SIGHUP reloads when unsupervised."""
+    loop = asyncio.get_running_loop()
+    received = []
+
+    def on_signal(sig: int) -> None:
+        received.append(sig)
+        if len(received) > 1:
+            log.warning("second signal, exiting without draining")
+            os._exit(1)
+        log.info("signal received, draining", extra={"signal": signal.Signals(sig).name})
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    if not supervised:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload(cfg, stop)))
+        write_pid_file(cfg)
+
+
+async def close_node(node: Node, deadline: float) -> None:
+    """After the sockets are gone: webhooks to their outbox, then the audit flushed (nothing
+    accepted is lost on a clean stop), all within shutdown_timeout."""
+    loop = asyncio.get_running_loop()
+    cfg = node.cfg
+    if node.webhooks is not None:
+        # edges recorded so far (delayed ones too) go to the durable outbox; a short grace
+        # lets the sender deliver them, what is left goes out after the next start
+        try:
+            await asyncio.wait_for(node.webhooks.close(grace=min(2.0, cfg.shutdown_timeout / 4)), 5.0)
+        except Exception as e:
+            log.error("webhooks did not stop cleanly", extra={"error": repr(e)})
+    if node.ops is not None:
+        await node.ops.stop()
+    if node.intake.observers is not None:
+        await node.intake.observers.close()
+    if node.audit is not None:
+        try:
+            await asyncio.wait_for(node.audit.close(), max(1.0, deadline - loop.time()))
+        except TimeoutError:
+            log.error("audit flush did not finish within shutdown_timeout",
+                      extra={"queued": node.audit.queue_depth})
+    if node.redis is not None:
+        await node.redis.aclose()
 
 
 async def shutdown(node: Node, server: asyncio.AbstractServer, timeout: float = 5.0) -> None:
