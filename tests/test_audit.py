@@ -16,71 +16,14 @@ from typing import Any
 
 import asyncpg
 import pytest
+from pgproxy import PgProxy
 
 from fastrelay.audit import AuditLog, open_audit
 from fastrelay.audit.spill import SpillFile
 from fastrelay.events import Event
 
 PG_URL = os.environ.get("FASTRELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-PG_HOST, PG_PORT = "127.0.0.1", 5432
 DAY = 86_400
-
-
-class PgProxy:
-    """A TCP proxy in front of PostgreSQL that the test can cut and restore."""
-
-    def __init__(self) -> None:
-        self.up = True
-        self.stalled = False  # connections stay open but no byte gets through
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._conns: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while data := await r.read(65536):
-                if self.stalled:
-                    continue
-                w.write(data)
-                await w.drain()
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            w.close()
-
-    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        if not self.up:
-            cw.transport.abort()
-            return
-        try:
-            ur, uw = await asyncio.open_connection(PG_HOST, PG_PORT)
-        except OSError:
-            cw.transport.abort()
-            return
-        self._conns.update((cw, uw))
-        try:
-            await asyncio.gather(self._pipe(cr, uw), self._pipe(ur, cw))
-        finally:
-            self._conns.difference_update((cw, uw))
-
-    def cut(self) -> None:
-        self.up = False
-        for w in list(self._conns):
-            w.transport.abort()  # RST, like a dead network path or a crashed server
-
-    def restore(self) -> None:
-        self.up = True
-        self.stalled = False
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
 
 @pytest.fixture

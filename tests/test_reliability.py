@@ -27,6 +27,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from pgproxy import ThreadProxy
 from wsclient import (
     Closed,
     api,
@@ -41,7 +42,6 @@ from fastrelay.signatures import sign_channel
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
-PG_HOST, PG_PORT = "127.0.0.1", 5432
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -96,70 +96,6 @@ def wait_for(cond: Any, timeout: float, step: float = 0.1) -> Any:
         if v or time.monotonic() > deadline:
             return v
         time.sleep(step)
-
-
-class ThreadProxy:
-    """A TCP proxy to PostgreSQL on its own thread and loop: cut() resets every connection
-    and refuses new ones (a dead path), stall() lets connections hang, restore() heals."""
-
-    def __init__(self) -> None:
-        self.up, self.stalled, self.port = True, False, 0
-        self.loop = asyncio.new_event_loop()
-        self._conns: set[asyncio.StreamWriter] = set()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self._server = self._call(asyncio.start_server(self._handle, "127.0.0.1", 0))
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while data := await r.read(65536):
-                while self.stalled and self.up:
-                    await asyncio.sleep(0.01)
-                w.write(data)
-                await w.drain()
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            w.close()
-
-    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        if not self.up:
-            cw.transport.abort()
-            return
-        try:
-            ur, uw = await asyncio.open_connection(PG_HOST, PG_PORT)
-        except OSError:
-            cw.transport.abort()
-            return
-        self._conns.update((cw, uw))
-        try:
-            await asyncio.gather(self._pipe(cr, uw), self._pipe(ur, cw))
-        finally:
-            self._conns.difference_update((cw, uw))
-
-    async def _cut(self) -> None:
-        self.up = False
-        for w in list(self._conns):
-            w.transport.abort()
-
-    def cut(self) -> None:
-        self._call(self._cut())
-
-    def stall(self) -> None:
-        self.stalled = True
-
-    def restore(self) -> None:
-        self.up, self.stalled = True, False
-
-    def close(self) -> None:
-        self.cut()
-        self._server.close()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
 
 
 @pytest.fixture
