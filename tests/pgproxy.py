@@ -99,7 +99,15 @@ class ThreadProxy:
     def restore(self) -> None:
         self._call(self._do(self.proxy.restore))
 
+    async def _finish(self) -> None:
+        await self.proxy.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:  # the pipes of connections still open
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def close(self) -> None:
-        self._call(self.proxy.close())
+        self._call(self._finish())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        self.loop.close()
