@@ -1040,6 +1040,17 @@ cpdef bint verify_hmac(bytes key, bytes message, object signature):
     return constant_time_equal(expected, signature)
 
 
+cpdef str api_string_to_sign(str method, str path, dict params):
+    """Pusher's "{METHOD}\n{path}\n{query}": every parameter but auth_signature, keys
+    lower-cased and sorted, joined k=v with & and not URL-escaped."""
+    cdef list items = []
+    for k, v in params.items():
+        if k != "auth_signature":
+            items.append((k.lower(), v))
+    items.sort()
+    return method + "\n" + path + "\n" + "&".join([f"{k}={v}" for k, v in items])
+
+
 # ---------------------------------------------------------------- query strings
 
 cdef inline int _hexval(char ch) noexcept:

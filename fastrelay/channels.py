@@ -29,6 +29,8 @@ _PREFIXES = (
 
 
 def kind_of(name: str) -> int:
+    if name[:1] not in ("p", "c", "#"):
+        return 0  # most channels are public: skip the prefix walk
     for prefix, kind in _PREFIXES:
         if name.startswith(prefix):
             return kind

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import time
 
-from ._core import constant_time_equal, hmac_sha256_hex, parse_query, verify_hmac
+from ._core import api_string_to_sign, constant_time_equal, hmac_sha256_hex, parse_query, verify_hmac
 
 TIMESTAMP_WINDOW = 600  # seconds, as Pusher and Sockudo enforce
 
@@ -42,13 +42,6 @@ def check_user_auth(key: str, secret: bytes, auth: object, socket_id: str, user_
     if not sep or auth_key != key:
         return False
     return verify_hmac(secret, f"{socket_id}::user::{user_data}".encode(), signature)
-
-
-def api_string_to_sign(method: str, path: str, params: dict[str, str]) -> str:
-    query = "&".join(
-        f"{k}={v}" for k, v in sorted((k.lower(), v) for k, v in params.items() if k != "auth_signature")
-    )
-    return f"{method}\n{path}\n{query}"
 
 
 def sign_api_request(key: str, secret: str, method: str, path: str, body: bytes = b"",
