@@ -69,6 +69,9 @@ def _conns(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connections")
     g.add_argument("-n", "--connections", type=int, default=10000)
     g.add_argument("--hold", type=float, default=3.0, help="idle seconds before reading RSS")
+    g.add_argument("--source-ips", type=int, default=0,
+                   help="spread connections over this many loopback source addresses "
+                        "(127.0.0.2...): one address has ~28k ports; needed past that")
 
 
 def build_parser() -> argparse.ArgumentParser:

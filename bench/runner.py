@@ -54,10 +54,12 @@ class Fleet:
         concurrency: int,
         timeout: float,
         lifetime: float,
+        source_ips: int = 0,
     ) -> None:
         procs = max(1, min(procs, len(channels))) if channels else 0
         self.chunks = [channels[i::procs] for i in range(procs)]
         self.cfg = {
+            "source_ips": source_ips,
             "urls": urls,
             "concurrency": max(1, concurrency // max(1, procs)),
             "timeout": timeout,
@@ -74,7 +76,7 @@ class Fleet:
         for i, chunk in enumerate(self.chunks):
             a, b = ctx.Pipe()
             p = ctx.Process(
-                target=worker_main, args=(b, dict(self.cfg, channels=chunk)), daemon=True
+                target=worker_main, args=(b, dict(self.cfg, channels=chunk, proc=i)), daemon=True
             )
             p.start()
             b.close()
@@ -570,7 +572,8 @@ async def run_connections(o: argparse.Namespace, ep: Endpoint, pid: int | None) 
     raise_nofile()
     n = int(o.connections)
     budget = o.connect_timeout + n / 200 + o.hold + 60
-    fleet = Fleet(ep.ws_urls, [None] * n, o.procs, o.concurrency, o.connect_timeout, budget)
+    fleet = Fleet(ep.ws_urls, [None] * n, o.procs, o.concurrency, o.connect_timeout, budget,
+                  getattr(o, "source_ips", 0))
     prog = Progress(o.label or "connections", None, None)
     res: dict[str, Any] = {
         "scenario": "connections",

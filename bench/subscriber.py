@@ -141,16 +141,26 @@ class Sub(picows.WSListener):
                 f.exception()  # mark retrieved: nobody awaits it when we are closing
 
 
+def _source_ip(cfg: dict[str, Any], i: int) -> str | None:
+    n = int(cfg.get("source_ips") or 0)
+    return f"127.0.0.{2 + (cfg.get('proc', 0) + i) % n}" if n else None
+
+
 async def _open_one(
-    url: str, channel: str | None, sem: asyncio.Semaphore, timeout: float, subs: list[Sub]
+    url: str, channel: str | None, sem: asyncio.Semaphore, timeout: float, subs: list[Sub],
+    source_ip: str | None = None,
 ) -> str | None:
     async with sem:
         try:
+            # a loopback source address of its own per slice of connections: one address
+            # has only ~28k ephemeral ports towards one server port
+            extra = {"local_addr": (source_ip, 0)} if source_ip else {}
             _, lis = await picows.ws_connect(
                 lambda: Sub(channel),
                 url,
                 websocket_handshake_timeout=timeout,
                 read_buffer_init_size=4096,
+                **extra,
             )
         except (TimeoutError, OSError, picows.WSError) as e:
             return f"connect: {type(e).__name__}"
@@ -222,7 +232,8 @@ async def _worker(conn: Connection, cfg: dict[str, Any]) -> None:
                 chans: list[str | None] = cfg["channels"]
                 urls: list[str] = cfg["urls"]
                 res = await asyncio.gather(
-                    *(_open_one(urls[i % len(urls)], ch, sem, float(cfg["timeout"]), subs)
+                    *(_open_one(urls[i % len(urls)], ch, sem, float(cfg["timeout"]), subs,
+                                _source_ip(cfg, i))
                       for i, ch in enumerate(chans))
                 )
                 t1 = time.monotonic()

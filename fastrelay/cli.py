@@ -25,6 +25,18 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def raise_fd_limit() -> None:
+    """Every connection is a file descriptor: take the whole hard limit we are allowed."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
@@ -33,6 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     logs.setup(cfg.log_level, cfg.log_format)
+    raise_fd_limit()
     if not cfg.apps:
         app = development_app(Path(cfg.data_dir))
         cfg.apps.append(app)
