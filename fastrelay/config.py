@@ -30,6 +30,7 @@ class Config:
     cluster_secret: str = ""  # keys bus MACs and idempotency hashes; generated if empty
     audit: bool = True
     audit_retention_days: float = 7.0
+    audit_journal: bool = True  # off: a crash loses what the audit queue held (diagnostics only)
     audit_flush_interval: float = 0.02  # seconds between batches (or audit_batch_rows rows)
     audit_batch_rows: int = 1000
     log_level: str = "info"

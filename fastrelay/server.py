@@ -121,6 +121,7 @@ async def build_node(cfg: Config, apps: AppManager) -> Node:
         audit = open_audit(cfg.database_url or None, Path(cfg.data_dir),
                            retention_days=cfg.audit_retention_days,
                            flush_interval=cfg.audit_flush_interval, batch_rows=cfg.audit_batch_rows,
+                           journal=cfg.audit_journal,
                            spill_dir=Path(cfg.data_dir) / f"worker-{worker}" if worker else None)
         await audit.start()
     redis = make_redis(cfg)

@@ -13,7 +13,6 @@ data_dir/audit.sqlite3. Both share the queue, batching, spill file and metrics i
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +35,8 @@ def open_audit(database_url: str | None, data_dir: Path, *, queue_size: int = 10
                                   flush_interval=flush_interval, retention_days=retention_days)
     # the write-ahead journal is shared by all worker processes of the data dir (each owns its
     # own segments; journals of dead ones are replayed by the next to start); turning it off
-    # (FASTRELAY_AUDIT_JOURNAL=0) loses the queue's content on a crash: diagnostics only
+    # (setting audit_journal = false) loses the queue's content on a crash: diagnostics only
     options.setdefault("journal_dir", Path(data_dir) / "journal")
-    options.setdefault("journal", os.environ.get("FASTRELAY_AUDIT_JOURNAL", "1") != "0")
     data_dir = Path(data_dir)
     # each worker process keeps its own spill file; the SQLite database is shared
     spill = Path(spill_dir) if spill_dir is not None else data_dir

@@ -73,7 +73,7 @@ def _gil_holding_write() -> Any:
     return write
 
 
-_write = _gil_holding_write() if os.environ.get("FASTRELAY_JOURNAL_OS_WRITE") != "1" else os.write
+_write = _gil_holding_write()
 
 SUFFIX = ".wal"
 _counter = itertools.count()
