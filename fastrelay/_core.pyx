@@ -988,6 +988,7 @@ def sweep(double activity_timeout, double pong_timeout, double request_timeout,
             if c.ping_sent:
                 if <unsigned int>(now - c.since) > pong_ms:
                     c.close(4201, "Pong reply not received")
+                    _handler.on_swept(c, 4201)
                     closed += 1
             elif <unsigned int>(now - c.last_seen) > activity_ms:
                 c.ping_sent = True
@@ -996,6 +997,7 @@ def sweep(double activity_timeout, double pong_timeout, double request_timeout,
         elif c.state == S_HTTP:
             if c.req_started and <unsigned int>(now - c.since) > request_ms:
                 c._http_error(408, "request not completed in time")
+                _handler.on_swept(c, 408)
                 closed += 1
             elif not c.held and <unsigned int>(now - c.last_seen) > idle_ms:
                 c.close()

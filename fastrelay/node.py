@@ -105,6 +105,13 @@ class Node:
         except Exception:
             log.exception("close handler failed")
 
+    def on_swept(self, conn: _core.Conn, code: int) -> None:
+        """The sweep closed a connection: 4201 (no pong) or 408 (request too slow)."""
+        self.stats.closed_with(code)
+        log.info("connection closed", extra={"code": code, "reason": "pong reply not received"
+                                             if code == 4201 else "request not completed in time",
+                                             "app": conn.app.id if conn.app else None})
+
     def on_slow_consumer(self, conn: _core.Conn) -> None:
         self.stats.closed_slow += 1
         self.stats.closed_with(4100)

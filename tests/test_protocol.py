@@ -265,6 +265,7 @@ def test_server_pings_silent_client_then_4201(fresh_relay):
     assert not pinged_chatty, "any message counts as activity"
     still_open(polite)
     still_open(chatty)
+    assert "connection closed code=4201" in r.log()  # one log line per connection error
 
 
 # ================================================================ subscriptions
