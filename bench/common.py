@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -172,16 +173,20 @@ def proc_cpu_s(pid: int) -> float:
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
 
 
-def tree_cpu_s(pid: int) -> float | None:
-    total = 0.0
-    seen = False
+def _tree_sum(pid: int, read: Any) -> Any:
+    """read() summed over a process and its descendants; None when none could be read."""
+    total, seen = 0, False
     for p in pid_tree(pid):
         try:
-            total += proc_cpu_s(p)
+            total += read(p)
             seen = True
         except OSError:
             pass
     return total if seen else None
+
+
+def tree_cpu_s(pid: int) -> float | None:
+    return _tree_sum(pid, proc_cpu_s)
 
 
 def proc_rss_kib(pid: int) -> int:
@@ -193,15 +198,7 @@ def proc_rss_kib(pid: int) -> int:
 
 
 def tree_rss_kib(pid: int) -> int | None:
-    total = 0
-    seen = False
-    for p in pid_tree(pid):
-        try:
-            total += proc_rss_kib(p)
-            seen = True
-        except OSError:
-            pass
-    return total if seen else None
+    return _tree_sum(pid, proc_rss_kib)
 
 
 def pid_alive(pid: int) -> bool:

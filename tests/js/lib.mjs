@@ -92,16 +92,21 @@ export async function command(name, ms = STEP_MS * 2) {
  * (transport 'ajax': pusher-js's Node build posts form data with its bundled XMLHttpRequest).
  * `user` picks the identity the auth server signs for presence channel_data and sign-in.
  */
+/** Where the server is: the connection options pusher-js and Echo share. */
+export const serverOptions = {
+  cluster: 'mt1',
+  wsHost: params.host,
+  wsPort: params.port,
+  wssPort: params.port,
+  forceTLS: false,
+  enabledTransports: ['ws'],
+  disableStats: true,
+};
+
 export function pusherOptions(user, extra = {}) {
   const q = user ? `?user_id=${encodeURIComponent(user)}` : '';
   return {
-    cluster: 'mt1',
-    wsHost: params.host,
-    wsPort: params.port,
-    wssPort: params.port,
-    forceTLS: false,
-    enabledTransports: ['ws'],
-    disableStats: true,
+    ...serverOptions,
     activityTimeout: 30000,
     pongTimeout: 10000,
     channelAuthorization: { endpoint: `${params.auth}/auth${q}`, transport: 'ajax' },

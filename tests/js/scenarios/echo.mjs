@@ -2,19 +2,13 @@
 // echo.private(name).listen('.order.paid') and listen('OrderShipped') (namespaced
 // App\Events\OrderShipped) get events triggered by the SDK; echo.join(room) here/joining/leaving.
 import Echo from 'laravel-echo';
-import { params, Pusher, emit, done, run, within } from '../lib.mjs';
+import { params, Pusher, emit, done, run, serverOptions, within } from '../lib.mjs';
 
 function makeEcho(user) {
   const echo = new Echo({
     broadcaster: params.broadcaster,
     key: params.key,
-    cluster: 'mt1',
-    wsHost: params.host,
-    wsPort: params.port,
-    wssPort: params.port,
-    forceTLS: false,
-    enabledTransports: ['ws'],
-    disableStats: true,
+    ...serverOptions,
     authEndpoint: `${params.auth}/auth?user_id=${user}`,
     Pusher,
   });
