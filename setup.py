@@ -6,7 +6,10 @@ extensions = [
     Extension(
         "fastrelay._core",
         ["fastrelay/_core.pyx"],
-        extra_compile_args=["-O2"],
+        # libcrypto for the low-level SHA256_*/MD5_* calls in the signature checks; those
+        # are deprecated in OpenSSL 3 yet exported and much cheaper than EVP/HMAC().
+        extra_compile_args=["-O2", "-Wno-deprecated-declarations"],
+        libraries=["crypto"],
     )
 ]
 

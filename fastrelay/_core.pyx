@@ -19,12 +19,11 @@ from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memchr, memcpy
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from libc.string cimport memchr, memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 import base64
 import hashlib
-from _hashlib import hmac_digest as _hmac_digest  # OpenSSL's one-shot HMAC, no Python frame
 
 cdef extern from "sys/socket.h" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
@@ -43,6 +42,30 @@ cdef extern from "string.h" nogil:
 
 cdef extern from "sys/random.h" nogil:
     ssize_t getrandom(void* buf, size_t n, unsigned int flags)
+
+cdef extern from "stdio.h" nogil:
+    int snprintf(char* buf, size_t n, const char* fmt, ...)
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object s)
+    const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* n) except NULL
+
+# OpenSSL's low-level digests: deprecated in 3.0 but exported, and unlike HMAC()/EVP they
+# skip the per-call algorithm fetch, provider lookup and locking (~9% of a trigger's CPU).
+# The struct bodies are opaque here; C knows their size, so they can live on the stack.
+cdef extern from "openssl/sha.h" nogil:
+    ctypedef struct SHA256_CTX:
+        pass
+    int SHA256_Init(SHA256_CTX* c)
+    int SHA256_Update(SHA256_CTX* c, const void* data, size_t n)
+    int SHA256_Final(unsigned char* md, SHA256_CTX* c)
+
+cdef extern from "openssl/md5.h" nogil:
+    ctypedef struct MD5_CTX:
+        pass
+    int MD5_Init(MD5_CTX* c)
+    int MD5_Update(MD5_CTX* c, const void* data, size_t n)
+    int MD5_Final(unsigned char* md, MD5_CTX* c)
 
 
 # ---------------------------------------------------------------- limits and clocks
@@ -160,6 +183,47 @@ def find_socket(str socket_id):
     if c.sid == 0 or c.sid != rnd or (c.state != S_WS and c.state != S_CLOSING):
         return None
     return c
+
+
+# ---------------------------------------------------------------- event ids
+
+cdef char _id_node[11]            # 40 random bits as 10 hex digits, per process
+cdef long long _id_last_ms = 0
+cdef long long _id_seq = 0
+
+
+def reseed_event_ids():
+    """Draws this process's 40 random bits again (after fork: workers must never collide)."""
+    snprintf(_id_node, 11, "%010llx", <unsigned long long>(_random64() & 0xffffffffff))
+
+
+reseed_event_ids()
+
+
+cpdef str new_event_id(long long now_ms=-1):
+    """A time-ordered unique id: 12 hex digits of ms time, 5 of sequence, 10 random per process.
+
+    Fixed-width hex, so sorting ids as strings sorts them by acceptance time (the audit pages
+    by id). Called on the event loop's thread only.
+    """
+    global _id_last_ms, _id_seq
+    cdef timespec ts
+    cdef char buf[32]
+    cdef long long ms = now_ms
+    if ms < 0:
+        clock_gettime(CLOCK_REALTIME, &ts)
+        ms = ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+    if ms <= _id_last_ms:
+        ms = _id_last_ms
+        _id_seq += 1
+        if _id_seq >= (1 << 20):  # more than a million ids in one ms: borrow the next ms
+            ms += 1
+            _id_seq = 0
+    else:
+        _id_seq = 0
+    _id_last_ms = ms
+    cdef int n = snprintf(buf, 32, "%012llx%05llx%s", ms, _id_seq, _id_node)
+    return PyUnicode_DecodeLatin1(buf, n, NULL)
 
 
 def connection_count():
@@ -1010,8 +1074,101 @@ def sweep(double activity_timeout, double pong_timeout, double request_timeout,
 
 # ---------------------------------------------------------------- signatures
 
+# HMAC-SHA256 (RFC 2104) = H((K ^ opad) || H((K ^ ipad) || m)). The two padded-key blocks
+# depend only on the key, so each key's SHA-256 state after absorbing them is kept; a call
+# then costs copying two contexts plus the message's own blocks and two final blocks.
+# App secrets are few: the cache is simply emptied if something feeds it many keys.
+cdef dict _hmac_states = {}   # key bytes -> bytes holding SHA256_CTX[2]: (inner, outer)
+cdef Py_ssize_t HMAC_STATES_MAX = 1024
+cdef const char* _HEXDIGITS = b"0123456789abcdef"
+
+
+cdef bytes _hmac_state(bytes key):
+    state = _hmac_states.get(key)
+    if state is not None:
+        return <bytes>state
+    cdef unsigned char k[64]
+    cdef unsigned char pad[64]
+    cdef SHA256_CTX ctx[2]
+    cdef Py_ssize_t i, n = PyBytes_GET_SIZE(key)
+    memset(k, 0, 64)
+    if n > 64:  # RFC 2104: a key longer than the block is replaced by its hash
+        SHA256_Init(&ctx[0])
+        SHA256_Update(&ctx[0], PyBytes_AS_STRING(key), n)
+        SHA256_Final(k, &ctx[0])
+    else:
+        memcpy(k, PyBytes_AS_STRING(key), n)
+    for i in range(64):
+        pad[i] = k[i] ^ 0x36
+    SHA256_Init(&ctx[0])
+    SHA256_Update(&ctx[0], pad, 64)
+    for i in range(64):
+        pad[i] = k[i] ^ 0x5c
+    SHA256_Init(&ctx[1])
+    SHA256_Update(&ctx[1], pad, 64)
+    # Copied out as bytes (not used in place), so the buffer's alignment never matters.
+    state = PyBytes_FromStringAndSize(<char*>ctx, 2 * sizeof(SHA256_CTX))
+    if len(_hmac_states) >= HMAC_STATES_MAX:
+        _hmac_states.clear()
+    _hmac_states[key] = state
+    return <bytes>state
+
+
+cdef int _hmac_sha256(bytes key, bytes message, unsigned char* out) except -1:
+    """The 32-byte HMAC-SHA256(key, message) into out."""
+    if key is None or message is None:
+        raise TypeError("key and message must be bytes")
+    cdef const char* st = PyBytes_AS_STRING(_hmac_state(key))
+    cdef SHA256_CTX ctx
+    memcpy(&ctx, st, sizeof(SHA256_CTX))
+    SHA256_Update(&ctx, PyBytes_AS_STRING(message), PyBytes_GET_SIZE(message))
+    SHA256_Final(out, &ctx)
+    memcpy(&ctx, st + sizeof(SHA256_CTX), sizeof(SHA256_CTX))
+    SHA256_Update(&ctx, out, 32)
+    SHA256_Final(out, &ctx)
+    return 0
+
+
+cdef inline void _to_hex(const unsigned char* d, Py_ssize_t n, char* out) noexcept:
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[2 * i] = _HEXDIGITS[d[i] >> 4]
+        out[2 * i + 1] = _HEXDIGITS[d[i] & 15]
+
+
+cdef int _hex_matches(const unsigned char* d, Py_ssize_t n, object given) except -1:
+    """True when given (str or bytes, hex in any case) spells digest d. Same answers as the
+    former `given.lower().encode("ascii") == hexdigest` (non-ASCII or other types: False),
+    without allocating, and without an early exit once the length is right."""
+    cdef const char* g
+    cdef Py_ssize_t i, glen
+    cdef char want[128]
+    cdef unsigned char c, diff = 0
+    if isinstance(given, str):
+        if not PyUnicode_IS_ASCII(given):
+            return False
+        g = PyUnicode_AsUTF8AndSize(given, &glen)  # an ASCII str's own buffer: no copy
+    elif isinstance(given, bytes):
+        g = PyBytes_AS_STRING(given)
+        glen = PyBytes_GET_SIZE(given)
+    else:
+        return False
+    if glen != 2 * n:
+        return False
+    _to_hex(d, n, want)
+    for i in range(glen):
+        c = <unsigned char>g[i]
+        c |= (<unsigned char>(c - 65) < 26) << 5  # ASCII A-Z -> a-z, branch-free
+        diff |= c ^ <unsigned char>want[i]
+    return diff == 0
+
+
 cpdef str hmac_sha256_hex(bytes key, bytes message):
-    return _hmac_digest(key, message, "sha256").hex()
+    cdef unsigned char d[32]
+    cdef char h[64]
+    _hmac_sha256(key, message, d)
+    _to_hex(d, 32, h)
+    return PyUnicode_DecodeLatin1(h, 64, NULL)
 
 
 cpdef bint constant_time_equal(bytes a, bytes b):
@@ -1029,17 +1186,23 @@ cpdef bint constant_time_equal(bytes a, bytes b):
 
 cpdef bint verify_hmac(bytes key, bytes message, object signature):
     """True when signature (hex, any case) is HMAC-SHA256(key, message)."""
-    if isinstance(signature, str):
-        try:
-            signature = (<str>signature).lower().encode("ascii")
-        except UnicodeEncodeError:
-            return False
-    elif not isinstance(signature, bytes):
+    cdef unsigned char d[32]
+    if not isinstance(signature, (str, bytes)):
         return False
-    else:
-        signature = (<bytes>signature).lower()
-    expected = _hmac_digest(key, message, "sha256").hex().encode("ascii")
-    return constant_time_equal(expected, signature)
+    _hmac_sha256(key, message, d)
+    return _hex_matches(d, 32, signature)
+
+
+cpdef bint verify_md5(bytes body, str md5_hex):
+    """True when md5_hex (any case) is MD5(body): the HTTP API's body_md5 check."""
+    cdef unsigned char d[16]
+    cdef MD5_CTX ctx
+    if body is None:
+        raise TypeError("body must be bytes")
+    MD5_Init(&ctx)
+    MD5_Update(&ctx, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+    MD5_Final(d, &ctx)
+    return _hex_matches(d, 16, md5_hex)
 
 
 cpdef str api_string_to_sign(str method, str path, dict params):

@@ -7,39 +7,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-_last_ms = 0
-_seq = 0
-_node = ""
+from ._core import new_event_id, reseed_event_ids
 
-
-def _new_node() -> None:
-    # 40 random bits per process, drawn again in each forked worker so workers never collide
-    global _node
-    _node = os.urandom(5).hex()
-
-
-_new_node()
-os.register_at_fork(after_in_child=_new_node)
-
-
-def new_event_id(now_ms: int | None = None) -> str:
-    """A time-ordered unique id: 12 hex digits of ms time, 5 of sequence, 10 random per process.
-
-    Fixed-width hex, so sorting ids as strings sorts them by acceptance time (the audit pages
-    by id). Called on the event loop's thread only.
-    """
-    global _last_ms, _seq
-    ms = int(time.time() * 1000) if now_ms is None else now_ms
-    if ms <= _last_ms:
-        ms = _last_ms
-        _seq += 1
-        if _seq >= 1 << 20:  # more than a million ids in one ms: borrow the next ms
-            ms += 1
-            _seq = 0
-    else:
-        _seq = 0
-    _last_ms = ms
-    return f"{ms:012x}{_seq:05x}{_node}"
+# ids come from the core (new_event_id: ms time, sequence, 40 random bits per process); the
+# random part is drawn again in each forked worker so workers never collide
+os.register_at_fork(after_in_child=reseed_event_ids)
 
 
 @dataclass(slots=True)
