@@ -79,6 +79,7 @@ class Node:
         self.stats = Stats()
         self.draining = False
         self._count_dirty: set[_core.Channel] = set()
+        self._local: list[Event] = []  # published here this loop turn, fanned out after it
 
     # ------------------------------------------------------------------ core callbacks
 
@@ -238,6 +239,24 @@ class Node:
     def _audits_client_events(self, app_id: str) -> bool:
         app = self.apps.by_id(app_id)
         return app is not None and app.audit_client_events
+
+    def deliver_soon(self, event: Event) -> None:
+        """Local delivery of an event published on this worker, after the current callback:
+        the HTTP answer (sent at once) leaves before the fan-out, and the events of one loop
+        turn fan out together, so each socket gets them in one send."""
+        local = self._local
+        local.append(event)
+        if len(local) == 1:
+            self.loop.call_soon(self._deliver_local)
+
+    def _deliver_local(self) -> None:
+        events, self._local = self._local, []
+        for ev in events:
+            try:
+                self.deliver(ev)
+            except Exception:
+                log.exception("fan-out failed", extra={"event": ev.id})
+        _core.flush_all()  # now, not one loop turn later
 
     def deliver(self, event: Event) -> int:
         """Fan-out on this worker: one frame per channel, the same bytes to every subscriber."""

@@ -18,7 +18,7 @@ class LocalBus:
 
     def publish(self, event: Event) -> None:
         if self._node is not None:
-            self._node.deliver(event)
+            self._node.deliver_soon(event)
 
     async def close(self) -> None:
         self._node = None

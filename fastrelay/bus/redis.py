@@ -87,7 +87,7 @@ class RedisBus:
 
     def publish(self, event: Event) -> None:
         if self._node is not None:
-            self._node.deliver(event)
+            self._node.deliver_soon(event)
         self.send("ev", encode_event(event))
 
     def send(self, kind: str, body: Any) -> None:
