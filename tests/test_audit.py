@@ -396,3 +396,23 @@ async def test_pg_stalled_network_times_out_and_spills(make_log: MakeLog,
     proxy.restore()
     assert await log.wait_written_back(timeout=20)
     assert await count_all(log) == [e.id for e in before + during]
+
+
+@pytest.mark.parametrize("make_log", ["sqlite"], indirect=True)
+async def test_sqlite_writer_process_killed_loses_nothing(make_log: MakeLog) -> None:
+    """The SQLite batches are committed by a child process; if it dies, the batch it held
+    spills and is written back through a new one, each row once."""
+    log = make_log(flush_interval=0.001, batch_rows=50)
+    await log.start()
+    events = [ev(i=i) for i in range(2000)]
+    for i, e in enumerate(events):
+        assert log.record(e)
+        if i % 100 == 99:
+            await asyncio.sleep(0.002)
+        if i == 1000:
+            writer = log._writer  # type: ignore[attr-defined]
+            assert writer is not None and writer._proc is not None
+            writer._proc.kill()
+    assert await log.wait_written_back(10)
+    assert await count_all(log) == [e.id for e in events]
+    assert log.stats.write_errors >= 1  # the kill was seen, not dodged

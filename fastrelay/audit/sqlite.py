@@ -1,8 +1,9 @@
-"""SQLite audit backend for single-node deployments (stdlib sqlite3 on worker threads).
+"""SQLite audit backend for single-node deployments (stdlib sqlite3).
 
-One thread owns the write connection (sqlite3 connections are not shareable across threads
-and SQLite has a single writer anyway); another owns a read connection, which WAL mode lets
-run alongside writes. Each batch is one executemany transaction with INSERT OR IGNORE by id.
+Batches are committed by a child process (`sqlite_writer.py`: one executemany transaction
+with INSERT OR IGNORE by id), so no thread of the worker competes with its event loop for
+the GIL. Schema setup and retention use a connection on a thread (rare, off the hot path);
+queries use another, which WAL mode lets run alongside writes.
 
 Channel filter: a side table audit_event_channels(app_id, channel, event_id) whose primary
 key is exactly the lookup (app, channel, newest ids first), so a channel query is an index
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 import orjson
 
 from .base import COLUMNS, MAX_QUERY_LIMIT, AuditLog, Row
+from .sqlite_writer import FRAME
 
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -50,13 +53,13 @@ CREATE TABLE IF NOT EXISTS audit_event_channels (
     PRIMARY KEY (app_id, channel, event_id)
 ) WITHOUT ROWID;
 """
-_INSERT = f"INSERT OR IGNORE INTO audit_events VALUES ({', '.join('?' * len(COLUMNS))})"
-_INSERT_CH = "INSERT OR IGNORE INTO audit_event_channels VALUES (?, ?, ?)"
+INSERT = f"INSERT OR IGNORE INTO audit_events VALUES ({', '.join('?' * len(COLUMNS))})"
+INSERT_CH = "INSERT OR IGNORE INTO audit_event_channels VALUES (?, ?, ?)"
 _SELECT = "SELECT " + ", ".join("e." + c for c in COLUMNS)
 _RETENTION_CHUNK = 5000  # rows per transaction: keeps the write lock short
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
     conn.execute("PRAGMA journal_mode=WAL")
     # NORMAL (with WAL): a commit survives a crash of the process, as the journal does (it
@@ -78,6 +81,7 @@ class SqliteAuditLog(AuditLog):
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._open_lock = asyncio.Lock()
+        self._writer: WriterProcess | None = None
 
     def _is_poison(self, exc: BaseException) -> bool:
         # OperationalError (locked, I/O, disk full) is transient: spill and retry.
@@ -102,7 +106,7 @@ class SqliteAuditLog(AuditLog):
 
         def open_write() -> sqlite3.Connection:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = _connect(self.path)
+            conn = connect(self.path)
             conn.executescript(_SCHEMA)
             conn.execute("INSERT OR IGNORE INTO audit_schema_version VALUES (?, ?)",
                          (_SCHEMA_VERSION, time.time()))
@@ -110,10 +114,13 @@ class SqliteAuditLog(AuditLog):
 
         self._rconn = None
         wconn = await self._on(self._wx, open_write)
-        self._rconn = await self._on(self._rx, _connect, self.path)
+        self._rconn = await self._on(self._rx, connect, self.path)
         self._wconn = wconn  # last: it is the "opened" flag
 
     async def _close(self) -> None:
+        if self._writer is not None:
+            await self._writer.close()
+            self._writer = None
         if self._wconn is not None:
             await self._on(self._wx, self._wconn.close)
         if self._rconn is not None:
@@ -126,27 +133,9 @@ class SqliteAuditLog(AuditLog):
 
     async def _write(self, rows: list[Row]) -> None:
         await self._open()
-        conn = self._wconn
-        assert conn is not None
-        dumps = orjson.dumps
-        events, channels = [], []
-        for r in rows:
-            events.append((r[0], r[1], dumps(r[2]).decode(), r[3], r[4], r[5], r[6], r[7],
-                           r[8], r[9]))
-            for ch in r[2]:
-                channels.append((r[1], ch, r[0]))
-
-        def write() -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(_INSERT, events)
-                conn.executemany(_INSERT_CH, channels)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-
-        await self._on(self._wx, write)
+        if self._writer is None:
+            self._writer = WriterProcess(self.path)
+        await self._writer.write(rows)
 
     async def query(self, app_id: str, channel: str | None = None, event: str | None = None,
                     since: float | None = None, until: float | None = None, limit: int = 100,
@@ -223,6 +212,59 @@ class SqliteAuditLog(AuditLog):
         while n := await self._on(self._wx, delete_chunk):
             total += n
         return total
+
+
+class WriterProcess:
+    """The worker's end of its SQLite writer process (sqlite_writer.py), started on first use
+    and again after it dies; a failed exchange raises, and the audit spills and retries."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    async def write(self, rows: list[Row]) -> None:
+        payload = orjson.dumps(rows)  # TypeError here is poison, as in the writer
+        async with self._lock:
+            proc = self._proc
+            if proc is None or proc.returncode is not None:
+                proc = self._proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "fastrelay.audit.sqlite_writer", str(self.path),
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                proc.stdin.write(FRAME.pack(len(payload)) + payload)
+                n = FRAME.unpack(await proc.stdout.readexactly(FRAME.size))[0]
+                answer = await proc.stdout.readexactly(n)
+            except BaseException as exc:
+                # a half-done exchange (the writer died, or we were cancelled) cannot go on
+                self._kill()
+                if isinstance(exc, Exception):
+                    raise sqlite3.OperationalError(f"audit writer process: {exc!r}") from exc
+                raise
+        if answer[:1] == b"K":
+            return
+        kind = sqlite3.IntegrityError if answer[:1] == b"P" else sqlite3.OperationalError
+        raise kind(answer[1:].decode(errors="replace"))
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+        self._proc = None
+
+    async def close(self) -> None:
+        """Ends the writer's input; it finishes what it holds and exits."""
+        async with self._lock:
+            proc, self._proc = self._proc, None
+            if proc is None or proc.returncode is not None:
+                return
+            assert proc.stdin is not None
+            proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
 
 
 def _as_dict(r: tuple[Any, ...]) -> dict[str, Any]:

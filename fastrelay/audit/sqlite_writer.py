@@ -1,0 +1,92 @@
+"""The SQLite audit writer: a child process of each worker that commits the audit's batches.
+
+Why a process and not a thread: a writer thread in the worker takes the GIL back and forth
+with the event loop on every SQLite call; the futex hand-offs and the loop's waits for the
+GIL cost more CPU than the whole request path and put milliseconds on delivery latency. A
+child process shares nothing with the loop: the worker sends a batch down a pipe and reads
+one answer back.
+
+Protocol on stdin/stdout, each message a little-endian u32 length and its bytes:
+  request: orjson array of rows (the layout in base.py)
+  answer:  b"K" (committed), b"P" + message (rows invalid: the caller isolates them),
+           b"T" + message (transient: the caller spills and retries)
+The writer exits at end of input (the worker closed the pipe or died).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import struct
+import sys
+from pathlib import Path
+
+import orjson
+
+FRAME = struct.Struct("<I")  # each message's length
+POISON = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
+          sqlite3.ProgrammingError, ValueError, TypeError)
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    buf = b""
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def write_rows(conn: sqlite3.Connection, rows: list[list]) -> None:
+    """One transaction; rows already present (same id) are skipped."""
+    from .sqlite import INSERT, INSERT_CH
+
+    dumps = orjson.dumps
+    events, channels = [], []
+    for r in rows:
+        events.append((r[0], r[1], dumps(r[2]).decode(), r[3], r[4], r[5], r[6], r[7], r[8],
+                       r[9]))
+        for ch in r[2]:
+            channels.append((r[1], ch, r[0]))
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(INSERT, events)
+        conn.executemany(INSERT_CH, channels)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def main(path: str) -> None:
+    from .sqlite import connect
+
+    # the worker decides when we stop (end of input), not a signal sent to the whole group
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # answers go to a private copy of stdout: a stray print must not corrupt the protocol
+    out = os.dup(1)
+    os.dup2(2, 1)
+    conn = connect(Path(path))
+    while True:
+        head = _read_exactly(0, FRAME.size)
+        if head is None:
+            break
+        body = _read_exactly(0, FRAME.unpack(head)[0])
+        if body is None:
+            break
+        try:
+            write_rows(conn, orjson.loads(body))
+            answer = b"K"
+        except POISON as exc:
+            answer = b"P" + repr(exc).encode()
+        except Exception as exc:  # locked, I/O error, disk full: worth retrying
+            answer = b"T" + repr(exc).encode()
+        os.write(out, FRAME.pack(len(answer)) + answer)
+    conn.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
