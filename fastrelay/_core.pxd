@@ -62,7 +62,6 @@ cdef class Channel:
     cdef public str name
     cdef public dict members      # Conn -> presence user id (or None)
     cdef public object roster     # presence: user id -> [connections, user_info]; else None
-    cdef public object cache      # cache channels: (frame bytes, expires_at), or None
     cdef public int kind
 
     cpdef int fanout(self, bytes frame, Conn exclude=*) except -1

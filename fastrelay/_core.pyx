@@ -38,6 +38,7 @@ cdef extern from "netinet/tcp.h":
     int TCP_NODELAY
 
 cdef extern from "string.h" nogil:
+    char* strerror(int errnum)
     void* memmem(const void* h, size_t hl, const void* n, size_t nl)
 
 cdef extern from "sys/random.h" nogil:
@@ -76,16 +77,14 @@ cdef Py_ssize_t MAX_FRAME = 262144        # one WebSocket message (after reassem
 cdef Py_ssize_t MAX_OUTBOUND = 1048576    # unsent bytes per socket before it is cut off
 
 cdef object _handler = None               # the worker's Node: on_request/on_message/on_close
-cdef object _loop = None
 cdef object _call_soon = None
 
 
 def configure(handler, loop, *, max_header=16384, max_body=1048576, max_frame=262144,
               max_outbound=1048576):
     """Binds the core to this worker's Node and event loop and sets its size limits."""
-    global _handler, _loop, _call_soon, MAX_HEADER, MAX_BODY, MAX_FRAME, MAX_OUTBOUND
+    global _handler, _call_soon, MAX_HEADER, MAX_BODY, MAX_FRAME, MAX_OUTBOUND
     _handler = handler
-    _loop = loop
     _call_soon = loop.call_soon
     MAX_HEADER = max_header
     MAX_BODY = max_body
@@ -185,6 +184,27 @@ def find_socket(str socket_id):
     return c
 
 
+cdef extern from "unistd.h" nogil:
+    ssize_t write(int fd, const void* buf, size_t n)
+
+
+def write_holding_gil(int fd, bytes data):
+    """write(2) without releasing the GIL; returns the bytes written, raises OSError.
+
+    os.write releases the GIL around the syscall, and whenever another thread of the worker
+    is busy (spill file, audit queries, retention) taking it back can cost up to the 5 ms
+    switch interval on the event loop; a page-cache append takes a few us, so holding the GIL
+    through it is cheaper. The audit journal appends every accepted event this way.
+    """
+    cdef ssize_t n
+    while True:
+        n = write(fd, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        if n >= 0:
+            return n
+        if errno != EINTR:
+            raise OSError(errno, strerror(errno).decode())
+
+
 # ---------------------------------------------------------------- event ids
 
 cdef char _id_node[11]            # 40 random bits as 10 hex digits, per process
@@ -200,7 +220,7 @@ def reseed_event_ids():
 reseed_event_ids()
 
 
-cpdef str new_event_id(long long now_ms=-1):
+cpdef str new_event_id():
     """A time-ordered unique id: 12 hex digits of ms time, 5 of sequence, 10 random per process.
 
     Fixed-width hex, so sorting ids as strings sorts them by acceptance time (the audit pages
@@ -209,10 +229,8 @@ cpdef str new_event_id(long long now_ms=-1):
     global _id_last_ms, _id_seq
     cdef timespec ts
     cdef char buf[32]
-    cdef long long ms = now_ms
-    if ms < 0:
-        clock_gettime(CLOCK_REALTIME, &ts)
-        ms = ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+    clock_gettime(CLOCK_REALTIME, &ts)
+    cdef long long ms = ts.tv_sec * 1000 + ts.tv_nsec // 1000000
     if ms <= _id_last_ms:
         ms = _id_last_ms
         _id_seq += 1
@@ -399,9 +417,6 @@ cdef bytes _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 cdef class Request:
     """One parsed HTTP/1.1 request. `path` and `query` are raw (signatures cover them as sent)."""
 
-    def header(self, str name, default=None):
-        return self.headers.get(name, default)
-
     def __repr__(self):
         return f"<Request {self.method} {self.path}>"
 
@@ -512,9 +527,9 @@ cdef class Conn:
     cdef int _parse_http(self) except -1:
         cdef bytearray buf
         cdef const char* p
-        cdef const char* end
-        cdef const char* hend
+        cdef const char* why
         cdef Py_ssize_t n, hlen, clen, total
+        cdef int status
         cdef Request req
         while self.state == S_HTTP and not self.held and self.inbuf is not None:
             buf = self.inbuf
@@ -527,31 +542,10 @@ cdef class Conn:
                 self.req_started = True
                 self.since = _now_ms()
             p = PyByteArray_AS_STRING(buf)
-            hend = <const char*>memmem(p, n, b"\r\n\r\n", 4)
-            if hend == NULL:
-                if n > MAX_HEADER:
-                    self._http_error(431, "request line and headers exceed the limit")
-                return 0
-            hlen = hend - p + 4
-            if hlen > MAX_HEADER:
-                self._http_error(431, "request line and headers exceed the limit")
-                return 0
-            req = _parse_head(p, hlen)
+            req = _head(p, n, &hlen, &clen, &status, &why)
             if req is None:
-                self._http_error(400, "malformed HTTP request")
-                return 0
-            if "transfer-encoding" in req.headers:
-                self._http_error(411, "chunked bodies are not supported; send Content-Length")
-                return 0
-            cl = req.headers.get("content-length")
-            clen = 0
-            if cl is not None:
-                clen = _content_length(cl)
-                if clen < 0:
-                    self._http_error(400, "invalid Content-Length")
-                    return 0
-            if clen > MAX_BODY:
-                self._http_error(413, "request body exceeds the limit")
+                if status:
+                    self._http_error(status, why.decode())
                 return 0
             total = hlen + clen
             if n < total:
@@ -570,23 +564,11 @@ cdef class Conn:
         """Handles data when it is exactly one complete, well-formed request; False (nothing
         done) otherwise, and the general buffered path takes it, checks and errors included."""
         cdef const char* p = PyBytes_AS_STRING(data)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), hlen, clen = 0
-        cdef const char* hend = <const char*>memmem(p, n, b"\r\n\r\n", 4)
-        cdef Request req
-        if hend == NULL:
-            return False
-        hlen = hend - p + 4
-        if hlen > MAX_HEADER:
-            return False
-        req = _parse_head(p, hlen)
-        if req is None or "transfer-encoding" in req.headers:
-            return False
-        cl = req.headers.get("content-length")
-        if cl is not None:
-            clen = _content_length(cl)
-            if clen < 0:
-                return False
-        if clen > MAX_BODY or hlen + clen != n:
+        cdef const char* why
+        cdef Py_ssize_t hlen, clen
+        cdef int status
+        cdef Request req = _head(p, PyBytes_GET_SIZE(data), &hlen, &clen, &status, &why)
+        if req is None or hlen + clen != PyBytes_GET_SIZE(data):
             return False
         req.body = PyBytes_FromStringAndSize(p + hlen, clen) if clen else b""
         self.since = self.last_seen
@@ -842,10 +824,6 @@ cdef class Conn:
         if self.state == S_WS:
             self._queue(frame)
 
-    def send_text(self, object text):
-        if self.state == S_WS:
-            self._queue(encode_frame(text))
-
     def close(self, int code=1000, str reason=""):
         """Starts the closing handshake; the socket goes when the peer answers or times out."""
         if self.state == S_WS:
@@ -877,16 +855,40 @@ cdef class Conn:
     def is_websocket(self):
         return self.state == S_WS
 
-    @property
-    def peer(self):
-        return self.transport.get_extra_info("peername") if self.transport is not None else None
 
-    @property
-    def write_buffer_size(self):
-        size = self.olen + (PyBytes_GET_SIZE(self.pend) if self.pend is not None else 0)
-        if self.transport is not None:
-            size += self.transport.get_write_buffer_size()
-        return size
+cdef Request _head(const char* p, Py_ssize_t n, Py_ssize_t* hlen, Py_ssize_t* clen,
+                   int* status, const char** why):
+    """The checked head of the request at p (n bytes buffered): the Request, with the head's
+    and body's lengths; or None, with *status 0 (incomplete) or the HTTP status to refuse it."""
+    cdef const char* hend = <const char*>memmem(p, n, b"\r\n\r\n", 4)
+    cdef Request req
+    status[0] = 0
+    if hend == NULL:
+        if n > MAX_HEADER:
+            status[0], why[0] = 431, "request line and headers exceed the limit"
+        return None
+    hlen[0] = hend - p + 4
+    if hlen[0] > MAX_HEADER:
+        status[0], why[0] = 431, "request line and headers exceed the limit"
+        return None
+    req = _parse_head(p, hlen[0])
+    if req is None:
+        status[0], why[0] = 400, "malformed HTTP request"
+        return None
+    if "transfer-encoding" in req.headers:
+        status[0], why[0] = 411, "chunked bodies are not supported; send Content-Length"
+        return None
+    clen[0] = 0
+    cl = req.headers.get("content-length")
+    if cl is not None:
+        clen[0] = _content_length(cl)
+        if clen[0] < 0:
+            status[0], why[0] = 400, "invalid Content-Length"
+            return None
+    if clen[0] > MAX_BODY:
+        status[0], why[0] = 413, "request body exceeds the limit"
+        return None
+    return req
 
 
 cdef Request _parse_head(const char* p, Py_ssize_t hlen):
@@ -1003,7 +1005,6 @@ cdef class Channel:
         self.kind = kind
         self.members = {}
         self.roster = {} if name.startswith("presence-") else None
-        self.cache = None
 
     cpdef int fanout(self, bytes frame, Conn exclude=None) except -1:
         """Queues the same frame bytes on every local subscriber; returns the count."""
@@ -1043,7 +1044,6 @@ def sweep(double activity_timeout, double pong_timeout, double request_timeout,
     cdef unsigned int closing_ms = <unsigned int>(closing_timeout * 1000)
     cdef Conn c
     cdef Py_ssize_t i
-    cdef int closed = 0
     for i in range(_high):
         if _slots[i] == NULL:
             continue
@@ -1053,7 +1053,6 @@ def sweep(double activity_timeout, double pong_timeout, double request_timeout,
                 if <unsigned int>(now - c.since) > pong_ms:
                     c.close(4201, "Pong reply not received")
                     _handler.on_swept(c, 4201)
-                    closed += 1
             elif <unsigned int>(now - c.last_seen) > activity_ms:
                 c.ping_sent = True
                 c.since = now
@@ -1062,14 +1061,10 @@ def sweep(double activity_timeout, double pong_timeout, double request_timeout,
             if c.req_started and <unsigned int>(now - c.since) > request_ms:
                 c._http_error(408, "request not completed in time")
                 _handler.on_swept(c, 408)
-                closed += 1
             elif not c.held and <unsigned int>(now - c.last_seen) > idle_ms:
                 c.close()
-                closed += 1
         elif (c.state == S_CLOSING or c.state == S_DRAIN) and <unsigned int>(now - c.since) > closing_ms:
             c.transport.abort()
-            closed += 1
-    return closed
 
 
 # ---------------------------------------------------------------- signatures

@@ -111,14 +111,6 @@ class RedisIdempotencyStore:
         self.ttl = int(ttl)
         self.hits = 0
 
-    @classmethod
-    def from_url(cls, url: str, secret: bytes, *, prefix: str = "fastrelay",
-                 ttl: int = DEFAULT_TTL) -> RedisIdempotencyStore:
-        from redis.asyncio import Redis
-
-        # redis-py picks the hiredis parser by itself when hiredis is installed.
-        return cls(Redis.from_url(url), secret, prefix=prefix, ttl=ttl)
-
     def redis_key(self, app_id: str, key: str) -> str:
         return self._prefix + idempotency_digest(self._key, app_id, key).hex()
 

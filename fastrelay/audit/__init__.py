@@ -21,18 +21,15 @@ from .base import AuditLog, AuditStats
 __all__ = ["AuditLog", "AuditStats", "open_audit"]
 
 
-def open_audit(database_url: str | None, data_dir: Path, *, queue_size: int = 100_000,
-               batch_rows: int = 1000, flush_interval: float = 0.005,
-               retention_days: float = 7, spill_dir: Path | None = None,
+def open_audit(database_url: str | None, data_dir: Path, *, spill_dir: Path | None = None,
                **options: Any) -> AuditLog:
     """Builds the audit log for a URL (not started: `await log.start()`).
 
-    `options` go to the backend: for PostgreSQL schema, table, application_name, pool_size,
-    connect_timeout, write_timeout, partitions_ahead; for both retry_interval,
-    max_retry_interval, maintenance_interval.
+    `options` go to the backend: for both those of `AuditLog` (queue_size, batch_rows,
+    flush_interval, retention_days, retry_interval, max_retry_interval, maintenance_interval,
+    journal, ...); for PostgreSQL also schema, table, application_name, pool_size,
+    connect_timeout, write_timeout, partitions_ahead.
     """
-    common: dict[str, Any] = dict(queue_size=queue_size, batch_rows=batch_rows,
-                                  flush_interval=flush_interval, retention_days=retention_days)
     # the write-ahead journal is shared by all worker processes of the data dir (each owns its
     # own segments; journals of dead ones are replayed by the next to start); turning it off
     # (setting audit_journal = false) loses the queue's content on a crash: diagnostics only
@@ -43,7 +40,7 @@ def open_audit(database_url: str | None, data_dir: Path, *, queue_size: int = 10
     if database_url and database_url.startswith(("postgres://", "postgresql://")):
         from .postgres import PostgresAuditLog
 
-        return PostgresAuditLog(database_url, spill, **common, **options)
+        return PostgresAuditLog(database_url, spill, **options)
     from .sqlite import SqliteAuditLog
 
-    return SqliteAuditLog(data_dir / "audit.sqlite3", spill, **common, **options)
+    return SqliteAuditLog(data_dir / "audit.sqlite3", spill, **options)

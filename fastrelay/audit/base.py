@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import time
-import zlib
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from typing import Any
 from fastrelay.events import Event
 
 from .journal import Journal
-from .spill import _HEADER, SpillFile, dumps
+from .spill import SpillFile, dumps, frame
 
 log = logging.getLogger("fastrelay.audit")
 
@@ -31,15 +30,6 @@ Row = Sequence[Any]
 COLUMNS = ("id", "app_id", "channels", "name", "data", "socket_id", "source", "accepted_at",
            "user_id", "replay_of")
 MAX_QUERY_LIMIT = 1000
-
-
-def event_row(item: Event | tuple[Event, str]) -> tuple[Any, ...]:
-    if type(item) is tuple:
-        e, replay_of = item
-    else:
-        e, replay_of = item, None
-    return (e.id, e.app_id, list(e.channels), e.name, e.data, e.socket_id, e.source,
-            e.accepted_at, e.user_id, replay_of)
 
 
 @dataclass(slots=True)
@@ -180,10 +170,6 @@ class AuditLog(ABC):
         return self._spill.pending_rows
 
     @property
-    def spill_pending_bytes(self) -> int:
-        return self._spill.pending_bytes
-
-    @property
     def healthy(self) -> bool:
         """The database took the last write and nothing waits in the spill file."""
         return self._db_ok and not self._spill.pending
@@ -238,7 +224,7 @@ class AuditLog(ABC):
             j = self._journal
             if j is not None:
                 payload = dumps((row,))
-                if not j.append(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload):
+                if not j.append(frame(payload)):
                     self.stats.refused += 1
                     self.stats.journal_errors += 1
                     self._journal_failed()

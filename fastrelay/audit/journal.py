@@ -1,11 +1,12 @@
 """The audit's write-ahead journal: an accepted event survives a crash of the process.
 
-`AuditLog.record()` appends each row to the journal with one `os.write()` before it returns
+`AuditLog.record()` appends each row to the journal with one write(2) before it returns
 True, so the answer (202/200) is only sent for an event that is already in the kernel's page
 cache. That survives `kill -9`, an OOM kill or a segfault of the worker; it does NOT survive a
 power loss or a kernel crash: there is deliberately no fsync on this path (it would cost
 milliseconds per event). Durability against power loss starts once the writer task has
-committed the batch (SQLite synchronous=FULL, PostgreSQL commit) or fsync'd it to the spill file.
+committed the batch to PostgreSQL or fsync'd it to the spill file; SQLite runs at
+synchronous=NORMAL, so its commit survives a crash of the process, not a power loss.
 
 Layout: `<data_dir>/journal/<pid>-<n>.wal` segments (one live process appends to one segment at a
 time), frames as in the spill file: [u32 BE length][u32 crc32][orjson array of rows] (here one
@@ -33,47 +34,14 @@ import itertools
 import logging
 import os
 import time
-import zlib
 from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .spill import _HEADER, _MAX_FRAME, loads
+from .._core import write_holding_gil
+from .spill import loads, read_frame
 
 log = logging.getLogger("fastrelay.audit")
-
-
-def _gil_holding_write() -> Any:
-    """libc write(2) called WITHOUT releasing the GIL (ctypes.PyDLL).
-
-    os.write releases the GIL around the syscall; with the audit's SQLite/spill threads busy,
-    getting it back can take up to the 5 ms switch interval, and that lands on the event
-    loop (record() p99 went from ~5 us to ~50 us, max 1-3 ms). A page-cache write of a frame
-    takes a few us, shorter than a GIL hand-off, so holding the GIL through it is cheaper.
-    Falls back to os.write where libc cannot be loaded.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.PyDLL(None, use_errno=True)
-        fn = libc.write
-        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
-        fn.restype = ctypes.c_ssize_t
-    except (OSError, AttributeError):
-        return os.write
-    get_errno = ctypes.get_errno
-
-    def write(fd: int, data: bytes) -> int:
-        n = fn(fd, data, len(data))
-        if n < 0:
-            e = get_errno()
-            raise OSError(e, os.strerror(e))
-        return n
-
-    return write
-
-
-_write = _gil_holding_write()
 
 SUFFIX = ".wal"
 _counter = itertools.count()
@@ -96,7 +64,7 @@ class Journal:
     def append(self, data: bytes) -> bool:
         """One write(2) of a whole frame; False (nothing appended) if the disk refused it."""
         try:
-            n = _write(self.fd, data)
+            n = write_holding_gil(self.fd, data)
         except OSError:
             return False
         if n != len(data):  # disk full mid-frame: cut it off so the file stays whole frames
@@ -200,16 +168,9 @@ class Journal:
         """Every row of a segment, up to the first torn or corrupt frame."""
         size = os.fstat(fd).st_size
         off, rows = 0, []
-        while off + _HEADER.size <= size:
-            length, crc = _HEADER.unpack(os.pread(fd, _HEADER.size, off))
-            end = off + _HEADER.size + length
-            if length > _MAX_FRAME or end > size:
-                break
-            payload = os.pread(fd, length, off + _HEADER.size)
-            if zlib.crc32(payload) != crc:
-                break
+        while (f := read_frame(fd, off, size)) is not None:
+            off, payload = f
             rows.extend(loads(payload))
-            off = end
         if off < size:
             log.error("audit journal: %s has %d unreadable bytes at offset %d (torn by a "
                       "crash); %d rows before them are replayed", path, size - off, off,

@@ -151,13 +151,12 @@ class PostgresAuditLog(AuditLog):
         today = int(now // _DAY)
         return range(today - 1, today + self.partitions_ahead + 1)
 
-    async def _ensure_partitions(self, conn: asyncpg.Pool | asyncpg.Connection,
-                                 days: Iterable[int]) -> None:
+    async def _ensure_partitions(self, pool: asyncpg.Pool, days: Iterable[int]) -> None:
         missing = sorted({d for d in days if d not in self._parts})
         if not missing:
             return
         s, t = self.schema, self.table
-        async with _acquire(conn) as c, c.transaction():
+        async with pool.acquire() as c, c.transaction():
             await c.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._lock_key)
             for day in missing:
                 lo = datetime.fromtimestamp(day * _DAY, UTC)
@@ -264,14 +263,9 @@ class PostgresAuditLog(AuditLog):
         pool = await self._reader()
         cutoff_day = int(((time.time() if now is None else now)
                           - self.retention_days * _DAY) // _DAY)
-        names = await pool.fetch(
-            "SELECT c.relname FROM pg_inherits i "
-            "JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent "
-            "JOIN pg_namespace n ON n.oid = p.relnamespace "
-            "WHERE n.nspname = $1 AND p.relname = $2", self.schema, self.table)
         dropped = 0
         prefix = f"{self.table}_p"
-        for (name,) in names:
+        for name in await self.partitions():
             suffix = name[len(prefix):] if name.startswith(prefix) else ""
             try:
                 day = int(datetime.strptime(suffix, "%Y%m%d").replace(tzinfo=UTC)
@@ -294,24 +288,6 @@ class PostgresAuditLog(AuditLog):
             "JOIN pg_namespace n ON n.oid = p.relnamespace "
             "WHERE n.nspname = $1 AND p.relname = $2 ORDER BY 1", self.schema, self.table)
         return [r[0] for r in rows]
-
-
-class _acquire:
-    """`async with` over either a pool (acquire/release) or an already held connection."""
-
-    def __init__(self, src: asyncpg.Pool | asyncpg.Connection) -> None:
-        self._src = src
-        self._conn: Any = None
-
-    async def __aenter__(self) -> asyncpg.Connection:
-        if isinstance(self._src, asyncpg.Pool):
-            self._conn = await self._src.acquire()
-            return self._conn
-        return self._src
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._conn is not None:
-            await self._src.release(self._conn)
 
 
 def _as_dict(r: asyncpg.Record) -> dict[str, Any]:

@@ -40,6 +40,26 @@ def loads(payload: bytes) -> Any:
         return json.loads(payload)
 
 
+def frame(payload: bytes) -> bytes:
+    """[u32 BE length][u32 crc32][payload]: the spill file's and the journal's unit."""
+    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def read_frame(fd: int, off: int, size: int) -> tuple[int, bytes] | None:
+    """The whole frame at off in a file of size bytes: (its end, its payload), or None when
+    what is there is torn, corrupt or absent."""
+    if size - off < _HEADER.size:
+        return None
+    length, crc = _HEADER.unpack(os.pread(fd, _HEADER.size, off))
+    end = off + _HEADER.size + length
+    if length > _MAX_FRAME or end > size:
+        return None
+    payload = os.pread(fd, length, off + _HEADER.size)
+    if len(payload) != length or zlib.crc32(payload) != crc:
+        return None
+    return end, payload
+
+
 class SpillFile:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -51,10 +71,6 @@ class SpillFile:
     @property
     def pending(self) -> bool:
         return self._size > self._read_off
-
-    @property
-    def pending_bytes(self) -> int:
-        return self._size - self._read_off
 
     def open(self) -> int:
         """Opens (creating) the file and validates leftover frames; returns leftover rows."""
@@ -87,21 +103,12 @@ class SpillFile:
         return rows
 
     def _read_frame(self, off: int, size: int) -> tuple[int, bytes] | None:
-        if size - off < _HEADER.size:
-            return None
-        length, crc = _HEADER.unpack(os.pread(self._fd, _HEADER.size, off))
-        end = off + _HEADER.size + length
-        if length > _MAX_FRAME or end > size:
-            return None
-        payload = os.pread(self._fd, length, off + _HEADER.size)
-        if len(payload) != length or zlib.crc32(payload) != crc:
-            return None
-        return end, payload
+        return read_frame(self._fd, off, size)
 
     def append(self, rows: list[Any]) -> None:
         """Appends one batch durably (fsync) or raises, leaving the file as it was."""
         payload = dumps(rows)
-        data = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+        data = frame(payload)
         try:
             view = memoryview(data)
             while view:

@@ -1,8 +1,8 @@
 """SQLite audit backend for single-node deployments (stdlib sqlite3).
 
 Batches are committed by a child process (`sqlite_writer.py`: one executemany transaction
-with INSERT OR IGNORE by id), so no thread of the worker competes with its event loop for
-the GIL. Schema setup and retention use a connection on a thread (rare, off the hot path);
+with INSERT OR IGNORE by id), so no thread of the worker runs the batch writes beside its
+event loop. Schema setup and retention use a connection on a thread (rare, off the hot path);
 queries use another, which WAL mode lets run alongside writes.
 
 Channel filter: a side table audit_event_channels(app_id, channel, event_id) whose primary
@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from .base import COLUMNS, MAX_QUERY_LIMIT, AuditLog, Row
-from .sqlite_writer import FRAME
+from .sqlite_writer import FRAME, POISON, connect
 
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -53,21 +53,8 @@ CREATE TABLE IF NOT EXISTS audit_event_channels (
     PRIMARY KEY (app_id, channel, event_id)
 ) WITHOUT ROWID;
 """
-INSERT = f"INSERT OR IGNORE INTO audit_events VALUES ({', '.join('?' * len(COLUMNS))})"
-INSERT_CH = "INSERT OR IGNORE INTO audit_event_channels VALUES (?, ?, ?)"
 _SELECT = "SELECT " + ", ".join("e." + c for c in COLUMNS)
 _RETENTION_CHUNK = 5000  # rows per transaction: keeps the write lock short
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-    conn.execute("PRAGMA journal_mode=WAL")
-    # NORMAL (with WAL): a commit survives a crash of the process, as the journal does (it
-    # is not fsync'd either); a power loss can take the last batches. FULL fsync'd every
-    # batch and cost as much CPU as the rest of the request path.
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=10000")
-    return conn
 
 
 class SqliteAuditLog(AuditLog):
@@ -81,13 +68,10 @@ class SqliteAuditLog(AuditLog):
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._open_lock = asyncio.Lock()
-        self._writer: WriterProcess | None = None
+        self._writer = WriterProcess(self.path)
 
     def _is_poison(self, exc: BaseException) -> bool:
-        # OperationalError (locked, I/O, disk full) is transient: spill and retry.
-        return isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError
-                          | sqlite3.InterfaceError | sqlite3.ProgrammingError
-                          | ValueError | TypeError)  # encoding: UnicodeError, orjson
+        return isinstance(exc, POISON)
 
     async def _on(self, ex: ThreadPoolExecutor | None, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(ex, fn, *args)
@@ -112,15 +96,12 @@ class SqliteAuditLog(AuditLog):
                          (_SCHEMA_VERSION, time.time()))
             return conn
 
-        self._rconn = None
         wconn = await self._on(self._wx, open_write)
         self._rconn = await self._on(self._rx, connect, self.path)
         self._wconn = wconn  # last: it is the "opened" flag
 
     async def _close(self) -> None:
-        if self._writer is not None:
-            await self._writer.close()
-            self._writer = None
+        await self._writer.close()
         if self._wconn is not None:
             await self._on(self._wx, self._wconn.close)
         if self._rconn is not None:
@@ -132,9 +113,7 @@ class SqliteAuditLog(AuditLog):
         self._wx = self._rx = None
 
     async def _write(self, rows: list[Row]) -> None:
-        await self._open()
-        if self._writer is None:
-            self._writer = WriterProcess(self.path)
+        await self._open()  # the schema exists before the writer's first insert
         await self._writer.write(rows)
 
     async def query(self, app_id: str, channel: str | None = None, event: str | None = None,

@@ -24,9 +24,26 @@ from pathlib import Path
 
 import orjson
 
+from .base import COLUMNS
+
 FRAME = struct.Struct("<I")  # each message's length
+# rows the database refuses as invalid (retrying never helps); OperationalError (locked, I/O,
+# disk full) is transient. ValueError/TypeError: encoding (UnicodeError, orjson).
 POISON = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
           sqlite3.ProgrammingError, ValueError, TypeError)
+INSERT = f"INSERT OR IGNORE INTO audit_events VALUES ({', '.join('?' * len(COLUMNS))})"
+INSERT_CH = "INSERT OR IGNORE INTO audit_event_channels VALUES (?, ?, ?)"
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL (with WAL): a commit survives a crash of the process, as the journal does (it
+    # is not fsync'd either); a power loss can take the last batches. FULL fsync'd every
+    # batch and cost as much CPU as the rest of the request path.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
 
 
 def _read_exactly(fd: int, n: int) -> bytes | None:
@@ -41,8 +58,6 @@ def _read_exactly(fd: int, n: int) -> bytes | None:
 
 def write_rows(conn: sqlite3.Connection, rows: list[list]) -> None:
     """One transaction; rows already present (same id) are skipped."""
-    from .sqlite import INSERT, INSERT_CH
-
     dumps = orjson.dumps
     events, channels = [], []
     for r in rows:
@@ -61,8 +76,6 @@ def write_rows(conn: sqlite3.Connection, rows: list[list]) -> None:
 
 
 def main(path: str) -> None:
-    from .sqlite import connect
-
     # the worker decides when we stop (end of input), not a signal sent to the whole group
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
