@@ -18,12 +18,13 @@ import orjson
 from . import channels as kinds
 from ._core import Conn, Request, parse_query, unquote, verify_hmac
 from .apps import App
-from .events import Event, new_event_id
-from .http_api import MAX_EVENT_NAME, HttpError, answer_later, json_body, reply
+from .audit.base import MAX_QUERY_LIMIT
+from .events import Event
+from .http_api import MAX_EVENT_NAME, HttpError, answer_later, event_data, json_body, reply
 from .idempotency import IdempotencyStore, RedisIdempotencyStore
 from .protocol import valid_socket_id
 from .ratelimit import RateLimiter
-from .signatures import check_api_request
+from .signatures import ascii_int, check_api_request
 
 if TYPE_CHECKING:
     from .node import Node
@@ -32,7 +33,6 @@ log = logging.getLogger("fastrelay.intake")
 
 TIMESTAMP_WINDOW = 300  # seconds, for X-Fastrelay-Timestamp
 MAX_IDEMPOTENCY_KEY = 200
-MAX_QUERY_LIMIT = 1000
 
 
 class Intake:
@@ -62,8 +62,15 @@ class Intake:
             raise HttpError(429, f"rate limit of {app.rate_limit:g} events per second exceeded",
                             headers)
 
+    def admit(self, events: list[Event], replay_of: str | None = None) -> None:
+        """Intake's last step, for every API: audit and bus (Node.accept), or 503 when the
+        audit cannot take them; then the observers are told."""
+        if not self.node.accept(events, replay_of):
+            raise HttpError(503, "the audit queue is full; retry shortly", [("Retry-After", "1")])
+        self.accepted(events)
+
     def accepted(self, events: list[Event]) -> None:
-        """Called once events are accepted (any API): tells observers."""
+        """Tells observers about accepted events."""
         if self.observers is not None:
             for ev in events:
                 self.observers.publish(ev)
@@ -102,9 +109,10 @@ class Intake:
         signature = h.get("x-fastrelay-signature")
         if signature is not None:
             ts = h.get("x-fastrelay-timestamp", "")
-            if not ts.isdigit():
+            seconds = ascii_int(ts)
+            if seconds is None:
                 raise HttpError(401, "X-Fastrelay-Timestamp (Unix seconds) is required")
-            if abs(time.time() - int(ts)) > TIMESTAMP_WINDOW:
+            if abs(time.time() - seconds) > TIMESTAMP_WINDOW:
                 raise HttpError(401, f"X-Fastrelay-Timestamp is more than {TIMESTAMP_WINDOW} s off")
             scheme, _, hexsig = signature.partition("=")
             if scheme != "sha256" or not verify_hmac(app.secret_bytes, ts.encode() + b"." + req.body,
@@ -112,7 +120,7 @@ class Intake:
                 raise HttpError(401, "invalid signature")
         elif "auth_signature" in params:
             _, problem = check_api_request(app.key, app.secret_bytes, req.method, req.path,
-                                           req.query, req.body)
+                                           req.query, req.body, params=params)
             if problem is not None:
                 raise HttpError(401, problem)
         else:
@@ -140,12 +148,13 @@ class Intake:
                 conn.respond(202, earlier, b"application/json", [("Idempotent-Replayed", "true")],
                              req.keep_alive)
                 return
-        if not self.node.accept([event]):
+        try:
+            self.admit([event])
+        except HttpError:
             if idem_key is not None:
                 self.idem_local.release(app.id, idem_key)
-            raise HttpError(503, "the audit queue is full; retry shortly", [("Retry-After", "1")])
+            raise
         conn.respond(202, answer, b"application/json", None, req.keep_alive)
-        self.accepted([event])
 
     async def _accept_idempotent_redis(self, conn: Conn, req: Request, app: App, event: Event,
                                        idem_key: str, answer: bytes) -> None:
@@ -154,11 +163,12 @@ class Intake:
             conn.respond(202, earlier, b"application/json", [("Idempotent-Replayed", "true")],
                          req.keep_alive)
             return
-        if not self.node.accept([event]):
+        try:
+            self.admit([event])
+        except HttpError:
             await self.idem_redis.release(app.id, idem_key)
-            raise HttpError(503, "the audit queue is full; retry shortly", [("Retry-After", "1")])
+            raise
         conn.respond(202, answer, b"application/json", None, req.keep_alive)
-        self.accepted([event])
 
     def validate(self, app: App, body: dict) -> tuple[Event, str | None]:
         """Every field checked; all problems reported at once (422 with one message per field)."""
@@ -192,10 +202,7 @@ class Intake:
             errors["data"] = "is required (any JSON value)"
             data = None
         else:
-            raw = body["data"]
-            data = raw if isinstance(raw, str) else orjson.dumps(raw).decode()
-            if len(data.encode()) > app.max_event_payload:
-                raise HttpError(413, f"data is larger than {app.max_event_payload} bytes")
+            data = event_data(app, body["data"])
         socket_id = body.get("socket_id")
         if socket_id is not None and not valid_socket_id(socket_id):
             errors["socket_id"] = "must look like 123.456"
@@ -240,13 +247,9 @@ class Intake:
             raise HttpError(404, "no such event in the audit log")
         self.gate(app, 1)
         event = Event(app_id=app.id, channels=list(row["channels"]), name=row["name"], data=row["data"],
-                      socket_id=None, source="replay", id=new_event_id())
-        if not audit.record(event, replay_of=event_id):
-            raise HttpError(503, "the audit queue is full; retry shortly", [("Retry-After", "1")])
-        self.node.stats.published += 1
-        self.node.bus.publish(event)
+                      socket_id=None, source="replay")
+        self.admit([event], replay_of=event_id)
         reply(conn, req, 202, {"id": event.id, "replay_of": event_id, "accepted_at": event.accepted_at})
-        self.accepted([event])
 
     def _audit(self) -> Any:
         if self.node.audit is None:

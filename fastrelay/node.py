@@ -17,7 +17,7 @@ from .apps import App, AppManager
 from .channels import ChannelTable
 from .events import Event
 from .metrics import CONSOLE_CHANNEL, LATENCY_BUCKETS, Histogram
-from .protocol import PusherProtocol, message
+from .protocol import PusherProtocol, error, message
 
 if TYPE_CHECKING:
     from .audit import AuditLog
@@ -97,7 +97,7 @@ class Node:
             self.protocol.on_message(conn, payload)
         except Exception:
             log.exception("message handler failed")
-            conn.send(message("pusher:error", {"code": None, "message": "internal error"}))
+            conn.send(error(None, "internal error"))
 
     def on_close(self, conn: _core.Conn) -> None:
         self.stats.closed += 1
@@ -209,16 +209,17 @@ class Node:
 
     # ------------------------------------------------------------------ the pipeline
 
-    def accept(self, events: list[Event]) -> bool:
+    def accept(self, events: list[Event], replay_of: str | None = None) -> bool:
         """Intake's last step: audit, then the bus. False when the audit cannot take them
-        (the caller answers 503: an event is accepted only once it is queued for the audit)."""
+        (the caller answers 503: an event is accepted only once it is queued for the audit).
+        `replay_of`: the original id, when these re-send an audited event."""
         audit = self.audit
         if audit is not None:
             if not audit.has_room(len(events)):
                 self.stats.audit_refused += 1
                 return False
             for ev in events:
-                if not audit.record(ev):  # the journal could not be written (disk full)
+                if not audit.record(ev, replay_of):  # the journal could not be written (disk full)
                     self.stats.audit_refused += 1
                     return False
         for ev in events:
@@ -229,16 +230,15 @@ class Node:
     def publish_client(self, event: Event) -> None:
         self.stats.client_events += 1
         wh = self.webhooks
-        if wh is not None and event.app_id:
+        if wh is not None:
             wh.client_event(event.app_id, event.channels[0], event.name, event.data,
                             event.socket_id, event.user_id)
-        if self.audit is not None and event.app_id and self._audits_client_events(event.app_id):
-            self.audit.record(event)
+        if self.audit is not None:
+            # the app as configured now (an open socket keeps the App it connected with)
+            app = self.apps.by_id(event.app_id)
+            if app is not None and app.audit_client_events:
+                self.audit.record(event)
         self.bus.publish(event)
-
-    def _audits_client_events(self, app_id: str) -> bool:
-        app = self.apps.by_id(app_id)
-        return app is not None and app.audit_client_events
 
     def deliver_soon(self, event: Event) -> None:
         """Local delivery of an event published on this worker, after the current callback:
@@ -270,10 +270,10 @@ class Node:
             if event.user_id is not None:
                 msg["user_id"] = event.user_id
             frame = _core.encode_frame(orjson.dumps(msg))
-            if kinds.kind_of(name) & kinds.CACHE:
+            ch = self.channels.get(event.app_id, name)
+            if (ch.kind if ch is not None else kinds.kind_of(name)) & kinds.CACHE:
                 self.caches[(event.app_id, name)] = (frame, time.monotonic() + self.cfg.cache_ttl,
                                                      event)
-            ch = self.channels.get(event.app_id, name)
             if ch is not None:
                 sent += ch.fanout(frame, exclude)
         stats = self.stats
@@ -390,7 +390,7 @@ class Node:
             del self.caches[k]
 
     def close_all(self, code: int = 4200, reason: str = "Server shutting down") -> int:
-        frame = message("pusher:error", {"code": code, "message": reason})
+        frame = error(code, reason)
         n = 0
         for conn in _core.connections():
             if conn.is_websocket:

@@ -14,7 +14,7 @@ from . import channels as kinds
 from ._core import Channel, Conn, encode_frame
 from .apps import App
 from .events import Event
-from .signatures import check_channel_auth, check_user_auth
+from .signatures import ascii_int, check_channel_auth, check_user_auth
 
 if TYPE_CHECKING:
     from .node import Node
@@ -64,9 +64,10 @@ class PusherProtocol:
         version = params.get("protocol")
         if version is None:
             return self.refuse(conn, 4008, "No protocol version supplied")
-        if not (version.isascii() and version.isdigit()):  # '²'.isdigit(), but int('²') raises
+        number = ascii_int(version)
+        if number is None:
             return self.refuse(conn, 4006, "Invalid version string format")
-        if int(version) not in SUPPORTED_PROTOCOLS:
+        if number not in SUPPORTED_PROTOCOLS:
             return self.refuse(conn, 4007, f"Unsupported protocol version {version}")
         if not app.origin_allowed(origin):
             return self.refuse(conn, 4009, "Origin not allowed")
@@ -151,10 +152,10 @@ class PusherProtocol:
             return
         app: App = conn.app
         node = self.node
-        for ch in conn.channels or ():
-            if ch.name == name:  # already subscribed: confirm again, change nothing
-                conn.send(self._succeeded(ch, name))
-                return
+        ch = self._find(conn, name)
+        if ch is not None:  # already subscribed: confirm again, change nothing
+            conn.send(self._succeeded(ch, name))
+            return
         if len(conn.channels or ()) >= node.cfg.max_channels_per_connection:
             self.subscription_error(conn, name, "LimitReached",
                                     "Too many channels on this connection", 4100)
@@ -188,24 +189,38 @@ class PusherProtocol:
                     return
         ch, created = node.channels.get_or_create(app.id, name)
         if kind & kinds.PRESENCE:
-            roster = ch.roster
-            entry = roster.get(user_id)
-            if entry is None:
-                if len(roster) >= app.max_presence_members:
-                    node.channels.remove_if_empty(ch)
-                    self.subscription_error(conn, name, "LimitReached",
-                                            "The presence channel is full", 4100)
-                    return
-                roster[user_id] = [1, user_info]
+            if user_id not in ch.roster and len(ch.roster) >= app.max_presence_members:
+                node.channels.remove_if_empty(ch)
+                self.subscription_error(conn, name, "LimitReached",
+                                        "The presence channel is full", 4100)
+                return
+            if self._roster_add(ch, user_id, user_info):
                 ch.fanout(message("pusher_internal:member_added",
                                   {"user_id": user_id, "user_info": user_info}, name), conn)
                 node.on_member_added(ch, user_id)
-            else:
-                entry[0] += 1
-                entry[1] = user_info
         self._join(conn, ch, user_id)
         conn.send(self._succeeded(ch, name))
         self._subscribed(conn, ch, created)
+
+    @staticmethod
+    def _find(conn: Conn, name: object) -> Channel | None:
+        """The channel of that name this connection is subscribed to."""
+        for ch in conn.channels or ():
+            if ch.name == name:
+                return ch
+        return None
+
+    @staticmethod
+    def _roster_add(ch: Channel, user_id: str, info: Any) -> bool:
+        """One more connection of user_id on ch (the latest user_info wins); True when the
+        user is new on this worker."""
+        entry = ch.roster.get(user_id)
+        if entry is None:
+            ch.roster[user_id] = [1, info]
+            return True
+        entry[0] += 1
+        entry[1] = info
+        return False
 
     @staticmethod
     def _join(conn: Conn, ch: Channel, user_id: str | None) -> None:
@@ -261,12 +276,7 @@ class PusherProtocol:
                 cluster.leave(app.id, name, user_id)
             node.channels.remove_if_empty(ch)
             return
-        entry = ch.roster.get(user_id)
-        if entry is None:
-            ch.roster[user_id] = [1, info]
-        else:
-            entry[0] += 1
-            entry[1] = info
+        self._roster_add(ch, user_id, info)
         self._join(conn, ch, user_id)
         members[user_id] = info
         cluster.joined(app.id, name, members)
@@ -297,13 +307,10 @@ class PusherProtocol:
         return uid, info
 
     def unsubscribe(self, conn: Conn, name: object) -> None:
-        if not isinstance(name, str) or not conn.channels:
-            return
-        for i, ch in enumerate(conn.channels):
-            if ch.name == name:
-                del conn.channels[i]
-                self._leave(conn, ch)
-                return
+        ch = self._find(conn, name) if isinstance(name, str) else None
+        if ch is not None:
+            conn.channels.remove(ch)
+            self._leave(conn, ch)
 
     def _leave(self, conn: Conn, ch: Channel) -> None:
         user_id = ch.members.pop(conn, None)
@@ -344,11 +351,7 @@ class PusherProtocol:
         if len(event) > 200:
             conn.send(error(None, "Event name is longer than 200 characters"))
             return
-        ch = None
-        for c in conn.channels or ():
-            if c.name == name:
-                ch = c
-                break
+        ch = self._find(conn, name)
         if ch is None:
             conn.send(error(None, "Client event rejected: not subscribed to that channel"))
             return

@@ -26,28 +26,33 @@ def sign_channel(key: str, secret: str, socket_id: str, channel: str,
     return f"{key}:{hmac_sha256_hex(secret.encode(), channel_auth_message(socket_id, channel, channel_data))}"
 
 
-def check_channel_auth(key: str, secret: bytes, auth: object, socket_id: str, channel: str,
-                       channel_data: str | None = None) -> bool:
+def ascii_int(s: str) -> int | None:
+    """s as an integer when it is ASCII digits, else None ('²'.isdigit(), but int('²') raises).
+    Timestamps and version numbers from clients are read with this."""
+    return int(s) if s.isascii() and s.isdigit() else None
+
+
+def _check_auth(key: str, secret: bytes, auth: object, message: bytes) -> bool:
+    """A client's "key:hex" auth string for this app's key and message."""
     if not isinstance(auth, str):
         return False
     auth_key, sep, signature = auth.partition(":")
-    if not sep or auth_key != key:
-        return False
-    return verify_hmac(secret, channel_auth_message(socket_id, channel, channel_data), signature)
+    return bool(sep) and auth_key == key and verify_hmac(secret, message, signature)
+
+
+def check_channel_auth(key: str, secret: bytes, auth: object, socket_id: str, channel: str,
+                       channel_data: str | None = None) -> bool:
+    return _check_auth(key, secret, auth, channel_auth_message(socket_id, channel, channel_data))
 
 
 def check_user_auth(key: str, secret: bytes, auth: object, socket_id: str, user_data: str) -> bool:
-    if not isinstance(auth, str):
-        return False
-    auth_key, sep, signature = auth.partition(":")
-    if not sep or auth_key != key:
-        return False
-    return verify_hmac(secret, f"{socket_id}::user::{user_data}".encode(), signature)
+    return _check_auth(key, secret, auth, f"{socket_id}::user::{user_data}".encode())
 
 
 def sign_api_request(key: str, secret: str, method: str, path: str, body: bytes = b"",
                      params: dict[str, str] | None = None, timestamp: int | None = None) -> dict[str, str]:
-    """The query parameters of a signed HTTP API request (the CLI and bench use this)."""
+    """The query parameters of a signed HTTP API request (the CLI uses this; bench/common.py
+    has its own copy, as it signs requests to any Pusher-compatible server)."""
     out = dict(params or {})
     out.update(auth_key=key, auth_timestamp=str(int(time.time()) if timestamp is None else timestamp),
                auth_version="1.0")
@@ -58,15 +63,18 @@ def sign_api_request(key: str, secret: str, method: str, path: str, body: bytes 
 
 
 def check_api_request(app_key: str, secret: bytes, method: str, path: str, query: str,
-                      body: bytes, now: float | None = None) -> tuple[dict[str, str], str | None]:
-    """Verifies a signed HTTP API request; returns (params, error or None)."""
-    params = parse_query(query)
+                      body: bytes, now: float | None = None,
+                      params: dict[str, str] | None = None) -> tuple[dict[str, str], str | None]:
+    """Verifies a signed HTTP API request; returns (params, error or None). `params`: the
+    query already parsed, when the caller has it."""
+    if params is None:
+        params = parse_query(query)
     if params.get("auth_key") != app_key:
         return params, "auth_key is missing or does not match the app"
-    ts = params.get("auth_timestamp", "")
-    if not (ts.isascii() and ts.isdigit()):  # '²'.isdigit(), but int('²') raises
+    ts = ascii_int(params.get("auth_timestamp", ""))
+    if ts is None:
         return params, "auth_timestamp is missing"
-    if abs((time.time() if now is None else now) - int(ts)) > TIMESTAMP_WINDOW:
+    if abs((time.time() if now is None else now) - ts) > TIMESTAMP_WINDOW:
         return params, f"auth_timestamp is more than {TIMESTAMP_WINDOW} s from the server's time"
     if params.get("auth_version", "1.0") != "1.0":
         return params, "auth_version must be 1.0"
@@ -79,7 +87,8 @@ def check_api_request(app_key: str, secret: bytes, method: str, path: str, query
     signature = params.get("auth_signature")
     if not signature:
         return params, "auth_signature is missing"
-    if not verify_hmac(secret, api_string_to_sign(method, path, params).encode(), signature):
-        return params, "Invalid signature: you should have sent HmacSHA256Hex(" + repr(
-            api_string_to_sign(method, path, params)) + ", your_secret_key)"
+    to_sign = api_string_to_sign(method, path, params)
+    if not verify_hmac(secret, to_sign.encode(), signature):
+        return params, ("Invalid signature: you should have sent HmacSHA256Hex("
+                        f"{to_sign!r}, your_secret_key)")
     return params, None

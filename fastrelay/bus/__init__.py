@@ -19,7 +19,8 @@ class Bus(Protocol):
         """Connects and begins delivering remote events to node.deliver."""
 
     def publish(self, event: Event) -> None:
-        """Delivers locally at once, and to every other node exactly once."""
+        """Delivers locally right after the current callback (Node.deliver_soon), and to every
+        other node exactly once."""
 
     async def close(self) -> None:
         """Stops; events already published locally have been delivered."""

@@ -1,6 +1,7 @@
 """The Redis bus: every worker and host subscribes to one channel under the deployment's key
-prefix. A publisher delivers to its own subscribers at once and sends the event to the
-others; each message names its origin, so no node delivers an event twice.
+prefix. A publisher delivers to its own subscribers itself (right after the publishing
+callback, Node.deliver_soon) and sends the event to the others; each message names its
+origin, so no node delivers an event twice.
 
 Messages are batched (one PUBLISH per loop turn carries every event published meanwhile)
 and carry a blake3 keyed MAC made with the cluster secret: a forged or corrupted message is
