@@ -42,6 +42,32 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label", default=None, help="name of the target in the output")
 
 
+def _scenario_opts(
+    g: argparse._ArgumentGroup, publish: bool = False, hold: bool = False, helps: bool = True
+) -> None:
+    """Scenario options shared by the subcommands and `compare` (which lists them without
+    help text): publish = fanout/intake options, hold = connections' --hold."""
+
+    def add(*names: str, help: str | None = None, **kw: Any) -> None:
+        g.add_argument(*names, help=help if helps else None, **kw)
+
+    if publish:
+        add("--rate", type=float, default=None,
+            help="deliveries/s, open loop (fanout); publish rate = rate / subs per channel")
+        add("--saturate", action="store_true", help="publish back-to-back (default)")
+        add("--inflight", type=int, default=4,
+            help="saturate: connections with one request in flight each")
+        add("--http-conns", type=int, default=16, help="rate mode: publisher connections")
+        add("-d", "--duration", type=float, default=10.0, help="measured seconds")
+        add("--warmup", type=float, default=2.0)
+        add("--drain", type=float, default=5.0, help="max seconds to wait for stragglers")
+        add("--payload", type=int, default=64, help="padding bytes in each event's data")
+        add("--endpoint", choices=("pusher", "api-events"), default="pusher",
+            help="pusher: POST /apps/{id}/events; api-events: fastrelay POST /api/events")
+    if hold:
+        add("--hold", type=float, default=3.0, help="idle seconds before reading RSS")
+
+
 def _load(p: argparse.ArgumentParser, scenario: str) -> None:
     g = p.add_argument_group(scenario)
     if scenario == "fanout":
@@ -51,24 +77,13 @@ def _load(p: argparse.ArgumentParser, scenario: str) -> None:
         g.add_argument("-c", "--connections", "--subscribers", type=int, default=0,
                        help="subscribers (default 0)")
         g.add_argument("-k", "--channels", type=int, default=1)
-    g.add_argument("--rate", type=float, default=None,
-                   help="deliveries/s, open loop (fanout); publish rate = rate / subs per channel")
-    g.add_argument("--saturate", action="store_true", help="publish back-to-back (default)")
-    g.add_argument("--inflight", type=int, default=4,
-                   help="saturate: connections with one request in flight each")
-    g.add_argument("--http-conns", type=int, default=16, help="rate mode: publisher connections")
-    g.add_argument("-d", "--duration", type=float, default=10.0, help="measured seconds")
-    g.add_argument("--warmup", type=float, default=2.0)
-    g.add_argument("--drain", type=float, default=5.0, help="max seconds to wait for stragglers")
-    g.add_argument("--payload", type=int, default=64, help="padding bytes in each event's data")
-    g.add_argument("--endpoint", choices=("pusher", "api-events"), default="pusher",
-                   help="pusher: POST /apps/{id}/events; api-events: fastrelay POST /api/events")
+    _scenario_opts(g, publish=True)
 
 
 def _conns(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connections")
     g.add_argument("-n", "--connections", type=int, default=10000)
-    g.add_argument("--hold", type=float, default=3.0, help="idle seconds before reading RSS")
+    _scenario_opts(g, hold=True)
     g.add_argument("--source-ips", type=int, default=0,
                    help="spread connections over this many loopback source addresses "
                         "(127.0.0.2...): one address has ~28k ports; needed past that")
@@ -100,16 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-c", "-n", "--connections", type=int, default=None,
                    help="subscribers / idle connections (scenario default)")
     g.add_argument("-k", "--channels", type=int, default=1)
-    g.add_argument("--rate", type=float, default=None)
-    g.add_argument("--saturate", action="store_true")
-    g.add_argument("--inflight", type=int, default=4)
-    g.add_argument("--http-conns", type=int, default=16)
-    g.add_argument("-d", "--duration", type=float, default=10.0)
-    g.add_argument("--warmup", type=float, default=2.0)
-    g.add_argument("--drain", type=float, default=5.0)
-    g.add_argument("--payload", type=int, default=64)
-    g.add_argument("--endpoint", choices=("pusher", "api-events"), default="pusher")
-    g.add_argument("--hold", type=float, default=3.0)
+    _scenario_opts(g, publish=True, hold=True, helps=False)
     return ap
 
 

@@ -83,7 +83,7 @@ def hist_percentiles(h: list[int], ps: Iterable[float]) -> dict[str, float | Non
 
 
 def pname(p: float) -> str:
-    return "p" + (f"{p:g}".replace(".", "."))
+    return f"p{p:g}"
 
 
 def hist_from_values(values: Iterable[int]) -> list[int]:
@@ -109,13 +109,6 @@ BENCH_EVENT = "bench-event"
 
 def marker(t_ns: int, seq: int) -> str:
     return f"~T{t_ns:019d}~S{seq:012d}~"
-
-
-def parse_marker(b: bytes) -> tuple[int, int] | None:
-    i = b.find(MARK)
-    if i < 0:
-        return None
-    return int(b[i + T_OFF : i + T_OFF + T_DIGITS]), int(b[i + S_OFF : i + S_OFF + S_DIGITS])
 
 
 # ---------------------------------------------------------------------------

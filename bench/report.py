@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import hist_percentiles
+from bench.common import hist_percentiles, pname
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -208,7 +208,7 @@ def _lat_curve(res: dict[str, Any]) -> tuple[list[float], list[float]] | None:
     pc = hist_percentiles(hist, PCT_AXIS)
     xs, ys = [], []
     for p in PCT_AXIS:
-        v = pc.get(f"p{p:g}")
+        v = pc.get(pname(p))
         if v is not None:
             xs.append(p)
             ys.append(v / 1e6)

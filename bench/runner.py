@@ -19,6 +19,7 @@ from bench.common import (
     BENCH_EVENT,
     Endpoint,
     fastrelay_signature,
+    hist_from_values,
     hist_merge,
     hist_new,
     hist_percentiles,
@@ -273,6 +274,7 @@ class Publisher:
                 self.ok_total += 1
                 if seq >= MEASURE_SEQ:
                     self.ok_window[ch] = self.ok_window.get(ch, 0) + 1
+                    # hist_index(lat), inlined (hot path); lat >= 0 here
                     sh = lat.bit_length() - 7
                     self.lat_hist[(sh << 6) + (lat >> sh) if sh > 0 else lat] += 1
             else:
@@ -520,10 +522,7 @@ async def run_publish(o: argparse.Namespace, ep: Endpoint, pid: int | None) -> d
             for s, lat in r["first"].items():
                 if s not in first or lat < first[s]:
                     first[s] = lat
-        first_hist = hist_new()
-        for lat in first.values():
-            sh = lat.bit_length() - 7
-            first_hist[(sh << 6) + (lat >> sh) if sh > 0 else max(0, lat)] += 1
+        first_hist = hist_from_values(first.values())
         work = received if n_conns else published
         per = 1e5 if n_conns else 1.0
         res.update(

@@ -43,27 +43,23 @@ import orjson
 import picows
 
 from bench.common import (
+    MARK,
     N_BUCKETS,
+    T_DIGITS,
+    T_OFF,
     free_port,
+    hist_index,
     hist_merge,
     hist_percentiles,
     pusher_signed_path,
     raise_nofile,
     tree_rss_kib,
 )
-from bench.httpclient import HTTPConnection
+from bench.httpclient import HTTPConnection, http_get_status
 
 ROOT = Path(__file__).resolve().parent.parent
-MARK = b"~T"
 _mono = time.monotonic_ns
 PRESENCE_CHANNELS = 10
-
-
-def _hidx(v: int) -> int:
-    if v < 0:
-        v = 0
-    s = v.bit_length() - 7
-    return (s << 6) + (v >> s) if s > 0 else v
 
 
 # ---------------------------------------------------------------- client processes
@@ -101,8 +97,8 @@ class Client(picows.WSListener):
         b = frame.get_payload_as_bytes()
         i = b.find(MARK)
         if i >= 0:  # "~T<19 digits>~"
-            lat = _mono() - int(b[i + 2:i + 21])
-            ST.hist[_hidx(lat)] += 1
+            lat = _mono() - int(b[i + T_OFF : i + T_OFF + T_DIGITS])
+            ST.hist[hist_index(lat)] += 1
             if b.find(b'"client-') >= 0:
                 ST.client_events += 1
             else:
@@ -246,16 +242,8 @@ def spawn_server(port: int, data_dir: Path, app: dict[str, str]) -> subprocess.P
 async def wait_up(host: str, port: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        c = HTTPConnection(host, port)
-        try:
-            await c.connect(1)
-            st, _ = await c.get("/up", 1)
-            if st == 200:
-                return
-        except Exception:
-            pass
-        finally:
-            c.close()
+        if await http_get_status(host, port, "/up", 1) == 200:
+            return
         await asyncio.sleep(0.1)
     raise SystemExit("soak: server did not come up")
 

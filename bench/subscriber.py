@@ -21,11 +21,21 @@ import orjson
 import picows
 import uvloop
 
-from bench.common import BENCH_EVENT, MARK, N_BUCKETS, raise_nofile, self_cpu_s
+from bench.common import (
+    BENCH_EVENT,
+    MARK,
+    N_BUCKETS,
+    S_DIGITS,
+    S_OFF,
+    T_DIGITS,
+    T_OFF,
+    raise_nofile,
+    self_cpu_s,
+)
 
 _mono = time.monotonic_ns
-_T0, _T1 = 2, 2 + 19
-_S0, _S1 = 2 + 19 + 2, 2 + 19 + 2 + 12
+_T0, _T1 = T_OFF, T_OFF + T_DIGITS
+_S0, _S1 = S_OFF, S_OFF + S_DIGITS
 NEVER = 10**15
 
 
@@ -74,6 +84,7 @@ class Sub(picows.WSListener):
                 return
             lat = _mono() - int(b[i + _T0 : i + _T1])
             n = st.n = st.n + 1
+            # hist_index(lat) from bench.common, inlined (hot path)
             sh = lat.bit_length() - 7
             st.hist[(sh << 6) + (lat >> sh) if sh > 0 else (lat if lat > 0 else 0)] += 1
             first = st.first

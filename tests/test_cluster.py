@@ -16,10 +16,7 @@ from typing import Any
 
 import pytest
 import redis
-from fastrelay._core import hmac_sha256_hex
-from wsclient import WS, api, connect
-
-from fastrelay.signatures import sign_channel
+from wsclient import WS, api, connect, join_presence, signin
 
 REDIS = "redis://127.0.0.1:6379/0"
 
@@ -39,11 +36,6 @@ def cluster_env() -> Iterator[dict[str, str]]:
     if keys:
         r.delete(*keys)
     r.close()
-
-
-def presence(ws: WS, relay: Any, channel: str, user: str) -> dict:
-    data = json.dumps({"user_id": user, "user_info": {"name": user}})
-    return ws.subscribe(channel, sign_channel(relay.key, relay.secret, ws.socket_id, channel, data), data)
 
 
 def drain(ws: WS, seconds: float = 0.3) -> list[dict]:
@@ -124,17 +116,17 @@ def test_presence_across_nodes(fresh_relay: Any, cluster_env: dict) -> None:
     a, b, c = (fresh_relay(cluster_env) for _ in range(3))
     channel = f"presence-{uid()}"
     u1a = connect(a)
-    ok = presence(u1a, a, channel, "u1")
+    ok = join_presence(a, u1a, channel, "u1", {"name": "u1"})
     assert ok["data"]["presence"]["ids"] == ["u1"]
     u2b = connect(b)
-    ok = presence(u2b, b, channel, "u2")
+    ok = join_presence(b, u2b, channel, "u2", {"name": "u2"})
     assert sorted(ok["data"]["presence"]["ids"]) == ["u1", "u2"]
     assert ok["data"]["presence"]["hash"]["u1"] == {"name": "u1"}
     added = u1a.expect("pusher_internal:member_added", channel)
     assert added["data"] == {"user_id": "u2", "user_info": {"name": "u2"}}
     # a second connection of u1, on C: no member_added anywhere
     u1c = connect(c)
-    ok = presence(u1c, c, channel, "u1")
+    ok = join_presence(c, u1c, channel, "u1", {"name": "u1"})
     assert ok["data"]["presence"]["count"] == 2
     assert drain(u2b, 0.4) == [] and drain(u1a, 0.1) == []
     users = api(c, "GET", f"/apps/{c.app_id}/channels/{channel}/users").json()
@@ -150,13 +142,10 @@ def test_presence_across_nodes(fresh_relay: Any, cluster_env: dict) -> None:
 
 def test_terminate_connections_reaches_every_node(fresh_relay: Any, cluster_env: dict) -> None:
     a, b = fresh_relay(cluster_env), fresh_relay(cluster_env)
-    user = json.dumps({"id": "t1"})
     socks = []
     for relay in (a, b):
         ws = connect(relay)
-        sig = hmac_sha256_hex(relay.secret.encode(), f"{ws.socket_id}::user::{user}".encode())
-        ws.send_json("pusher:signin", {"auth": f"{relay.key}:{sig}", "user_data": user})
-        ws.expect("pusher:signin_success")
+        signin(relay, ws, {"id": "t1"})
         socks.append(ws)
     resp = api(a, "POST", f"/apps/{a.app_id}/users/t1/terminate_connections", body={})
     assert resp.status == 200
@@ -169,9 +158,9 @@ def test_dead_node_members_vanish(fresh_relay: Any, cluster_env: dict) -> None:
     a, b = fresh_relay(cluster_env), fresh_relay(cluster_env)
     channel = f"presence-{uid()}"
     wa = connect(a)
-    presence(wa, a, channel, "alive")
+    join_presence(a, wa, channel, "alive", {"name": "alive"})
     wb = connect(b)
-    presence(wb, b, channel, "doomed")
+    join_presence(b, wb, channel, "doomed", {"name": "doomed"})
     wa.expect("pusher_internal:member_added", channel)
     b.proc.send_signal(signal.SIGKILL)
     b.proc.wait()
@@ -360,8 +349,8 @@ def test_redis_cluster_and_sentinel_urls(fresh_relay: Any, kind: str, request: A
     a.pusher().trigger("plain", "across", {"via": kind})
     assert wb.expect("across")["data"] == {"via": kind}
     wa = connect(a)
-    presence(wa, a, channel, "u1")
-    ok = presence(wb, b, channel, "u2")
+    join_presence(a, wa, channel, "u1", {"name": "u1"})
+    ok = join_presence(b, wb, channel, "u2", {"name": "u2"})
     assert sorted(ok["data"]["presence"]["ids"]) == ["u1", "u2"]
     assert wa.expect("pusher_internal:member_added", channel)["data"]["user_id"] == "u2"
     users = api(a, "GET", f"/apps/{a.app_id}/channels/{channel}/users").json()

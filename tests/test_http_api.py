@@ -21,6 +21,7 @@ from wsclient import (
     build_frame,
     connect,
     http,
+    join_presence,
     raw_http,
     read_http_response,
     signed_path,
@@ -36,11 +37,6 @@ def uid(prefix: str = "") -> str:
 
 def events_path(relay) -> str:
     return f"/apps/{relay.app_id}/events"
-
-
-def join_presence(relay, ws, channel, user_id):
-    cd = json.dumps({"user_id": user_id})
-    ws.subscribe(channel, sign_channel(relay.key, relay.secret, ws.socket_id, channel, cd), cd)
 
 
 def assert_error(r, status: int, contains: str = "") -> None:

@@ -4,8 +4,6 @@ audit row; every error status; idempotency; rate limits; replay; PostgreSQL and 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import signal
 import sqlite3
@@ -22,6 +20,7 @@ import orjson
 import picows
 import pytest
 import redis
+from wsclient import intake_headers
 
 from fastrelay.signatures import sign_api_request
 
@@ -36,12 +35,8 @@ def post_event(relay: Any, body: dict | bytes, *, secret: str | None = None,
                ts: int | None = None, headers: dict[str, str] | None = None,
                signed: bool = True) -> tuple[int, dict, dict[str, str]]:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    h = {"Content-Type": "application/json", **(headers or {})}
-    if signed:
-        t = str(int(time.time()) if ts is None else ts)
-        sig = hmac.new((secret or relay.secret).encode(), t.encode() + b"." + raw, hashlib.sha256)
-        h["X-Fastrelay-Timestamp"] = t
-        h["X-Fastrelay-Signature"] = "sha256=" + sig.hexdigest()
+    h = intake_headers(secret or relay.secret, raw, ts) if signed else {"Content-Type": "application/json"}
+    h.update(headers or {})
     return http(relay, "POST", "/api/events", raw, h)
 
 
@@ -140,6 +135,8 @@ def test_error_statuses(relay: Any) -> None:
     good = {"app_key": relay.key, "channel": "c1", "event": "e", "data": 1}
     assert post_event(relay, good, secret="wrong")[0] == 401
     assert post_event(relay, good, ts=int(time.time()) - 301)[0] == 401
+    # '²'.isdigit() is True but int('²') raises: refused with 401, not a 500
+    assert post_event(relay, good, headers={"X-Fastrelay-Timestamp": "\u00b2"})[0] == 401
     assert post_event(relay, good, signed=False)[0] == 401
     status, body, _ = post_event(relay, {**good, "app_key": "no-such-key"})
     assert status == 404 and body == {"error": "unknown app"}

@@ -16,7 +16,6 @@ import time
 import uuid
 
 import pytest
-from fastrelay._core import hmac_sha256_hex
 from wsclient import (
     OP_BINARY,
     OP_CLOSE,
@@ -27,8 +26,11 @@ from wsclient import (
     api,
     build_frame,
     connect,
+    join_presence,
     open_ws,
+    signin,
     up,
+    user_auth,
 )
 
 from fastrelay.signatures import sign_channel
@@ -46,21 +48,6 @@ def uid(prefix: str = "") -> str:
 
 def auth(relay, ws, channel: str, channel_data: str | None = None) -> str:
     return sign_channel(relay.key, relay.secret, ws.socket_id, channel, channel_data)
-
-
-def join_presence(relay, ws, channel: str, user_id, info=None, expect: bool = True):
-    member = {"user_id": user_id}
-    if info is not None:
-        member["user_info"] = info
-    cd = json.dumps(member)
-    return ws.subscribe(channel, auth(relay, ws, channel, cd), cd, expect=expect)
-
-
-def signin(relay, ws, user: dict) -> dict:
-    user_data = json.dumps(user)
-    sig = hmac_sha256_hex(relay.secret.encode(), f"{ws.socket_id}::user::{user_data}".encode())
-    ws.send_json("pusher:signin", {"auth": f"{relay.key}:{sig}", "user_data": user_data})
-    return ws.expect("pusher:signin_success")
 
 
 def assert_alive(relay) -> None:
@@ -621,7 +608,7 @@ def test_signin_success(relay):
 ])
 def test_signin_bad_4009(relay, data):
     with connect(relay) as ws:
-        sig = hmac_sha256_hex(relay.secret.encode(), f'{ws.socket_id}::user::{{"id":"1"}}'.encode())
+        sig = user_auth(relay, ws, '{"id":"1"}').partition(":")[2]
         d = {k: v.replace("{key}", relay.key).replace("{sig}", sig) for k, v in data.items()}
         ws.send_json("pusher:signin", d)
         ws.expect_error_close(4009)
@@ -630,8 +617,7 @@ def test_signin_bad_4009(relay, data):
 def test_signin_user_data_without_id_4009(relay):
     with connect(relay) as ws:
         user_data = '{"name":"no id"}'
-        sig = hmac_sha256_hex(relay.secret.encode(), f"{ws.socket_id}::user::{user_data}".encode())
-        ws.send_json("pusher:signin", {"auth": f"{relay.key}:{sig}", "user_data": user_data})
+        ws.send_json("pusher:signin", {"auth": user_auth(relay, ws, user_data), "user_data": user_data})
         ws.expect_error_close(4009)
 
 
@@ -706,8 +692,7 @@ def test_watchlist_online_offline(relay):
 def test_watchlist_over_100_4302(relay):
     with connect(relay) as ws:
         user_data = json.dumps({"id": uid("u"), "watchlist": [str(i) for i in range(101)]})
-        sig = hmac_sha256_hex(relay.secret.encode(), f"{ws.socket_id}::user::{user_data}".encode())
-        ws.send_json("pusher:signin", {"auth": f"{relay.key}:{sig}", "user_data": user_data})
+        ws.send_json("pusher:signin", {"auth": user_auth(relay, ws, user_data), "user_data": user_data})
         e = ws.expect("pusher:error")
         assert e["data"]["code"] == 4302
         ws.expect("pusher:signin_success")

@@ -8,8 +8,6 @@ shared one with a private key prefix per test; PostgreSQL outages go through a l
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import http.client
 import json
 import os
@@ -32,6 +30,7 @@ from wsclient import (
     Closed,
     api,
     connect,
+    intake_headers,
     open_ws,
     parse_frame,
     read_http_response,
@@ -51,13 +50,6 @@ def uid() -> str:
 
 # ---------------------------------------------------------------- helpers
 
-def signed_headers(secret: str, raw: bytes) -> dict[str, str]:
-    t = str(int(time.time()))
-    sig = hmac.new(secret.encode(), t.encode() + b"." + raw, hashlib.sha256).hexdigest()
-    return {"Content-Type": "application/json", "X-Fastrelay-Timestamp": t,
-            "X-Fastrelay-Signature": "sha256=" + sig}
-
-
 def post_once(relay: Any, channel: str, i: int, timeout: float = 5.0) -> str | None:
     """One signed POST /api/events on a new connection (spread over workers by
     SO_REUSEPORT); the event id on 202, None on anything else (refused, reset, timeout)."""
@@ -65,7 +57,7 @@ def post_once(relay: Any, channel: str, i: int, timeout: float = 5.0) -> str | N
                       "data": {"i": i}}).encode()
     c = http.client.HTTPConnection(relay.host, relay.port, timeout=timeout)
     try:
-        c.request("POST", "/api/events", raw, signed_headers(relay.secret, raw))
+        c.request("POST", "/api/events", raw, intake_headers(relay.secret, raw))
         r = c.getresponse()
         body = r.read()
         return json.loads(body)["id"] if r.status == 202 else None
@@ -442,11 +434,11 @@ def test_secrets_never_in_logs_or_errors(fresh_relay: Any, tmp_path: Path) -> No
     bodies: list[bytes] = []
     raw = json.dumps({"app_key": relay.key, "channel": "c", "event": "e", "data": 1}).encode()
     # intake: wrong secret, no signature, stale timestamp, garbage
-    for h in (signed_headers("wrong" + app_secret, raw), {"Content-Type": "application/json"},
+    for h in (intake_headers("wrong" + app_secret, raw), {"Content-Type": "application/json"},
               {"X-Fastrelay-Timestamp": "1", "X-Fastrelay-Signature": "sha256=00"}):
         bodies.append(raw_request(relay, "POST", "/api/events", raw, h).body)
     bodies.append(raw_request(relay, "POST", "/api/events", b"{not json",
-                              signed_headers(app_secret, b"{not json")).body)
+                              intake_headers(app_secret, b"{not json")).body)
     # the Pusher HTTP API: a bad signature, a wrong key
     ev = json.dumps({"name": "e", "channels": ["c"], "data": "1"}).encode()
     bodies.append(api(relay, "POST", f"/apps/{relay.app_id}/events", ev,

@@ -23,7 +23,9 @@ from typing import Any
 
 import pytest
 from conftest import ROOT
-from wsclient import connect
+from wsclient import connect, join_presence
+
+from fastrelay.signatures import sign_channel
 
 DELAY = 0.5
 
@@ -111,15 +113,10 @@ def hook_env(url: str, extra: dict[str, str] | None = None, endpoints: list | No
     return env
 
 
-def sign(relay: Any, ws: Any, channel: str, channel_data: str | None = None) -> str:
-    msg = f"{ws.socket_id}:{channel}" + (f":{channel_data}" if channel_data is not None else "")
-    return relay.key + ":" + hmac.new(relay.secret.encode(), msg.encode(), hashlib.sha256).hexdigest()
-
-
-def join_presence(relay: Any, channel: str, user_id: str) -> Any:
+def member(relay: Any, channel: str, user_id: str) -> Any:
+    """A new connection that has joined a presence channel as user_id."""
     ws = connect(relay)
-    cd = json.dumps({"user_id": user_id, "user_info": {"name": user_id}})
-    ws.subscribe(channel, sign(relay, ws, channel, cd), cd)
+    join_presence(relay, ws, channel, user_id, {"name": user_id})
     return ws
 
 
@@ -168,14 +165,14 @@ def test_quick_return_suppresses_both_edges(fresh_relay, receiver):
     user_ch = f"presence-{uniq()}"
     ws = connect(relay)
     ws.subscribe(ch)
-    a = join_presence(relay, user_ch, "u1")
+    a = member(relay, user_ch, "u1")
     receiver.wait(lambda e: names(e, "channel_occupied", ch) and names(e, "member_added", user_ch))
     # leave and come back within the delay: neither vacated nor a second occupied
     ws.send_json("pusher:unsubscribe", {"channel": ch})
     a.close()
     time.sleep(0.1)
     ws.subscribe(ch)
-    b = join_presence(relay, user_ch, "u1")  # a reconnect: a new socket, the same user
+    b = member(relay, user_ch, "u1")  # a reconnect: a new socket, the same user
     time.sleep(DELAY + 0.6)
     evs = receiver.events()
     assert len(names(evs, "channel_occupied", ch)) == 1, evs
@@ -205,9 +202,9 @@ def test_members_client_events_cache_miss_and_filters(fresh_relay, receiver):
         relay = fresh_relay(hook_env(receiver.url, endpoints=endpoints))
         sdk = relay.pusher()
         ch = f"presence-{uniq()}"
-        a1 = join_presence(relay, ch, "alice")
-        a2 = join_presence(relay, ch, "alice")  # second connection of the same user
-        b = join_presence(relay, ch, "bob")
+        a1 = member(relay, ch, "alice")
+        a2 = member(relay, ch, "alice")  # second connection of the same user
+        b = member(relay, ch, "bob")
         evs = receiver.wait(lambda e: len(names(e, "member_added", ch)) >= 2, validator=sdk)
         assert sorted(e["user_id"] for e in names(evs, "member_added", ch)) == ["alice", "bob"]
         assert names(evs, "member_added", ch)[0] == {"name": "member_added", "channel": ch,
@@ -237,7 +234,7 @@ def test_members_client_events_cache_miss_and_filters(fresh_relay, receiver):
         # the filtered endpoint: occupied only, private-*-x only
         p1, p2 = f"private-{uniq()}-x", f"private-{uniq()}-y"
         for p in (p1, p2):
-            c.subscribe(p, sign(relay, c, p))
+            c.subscribe(p, sign_channel(relay.key, relay.secret, c.socket_id, p))
         got = other.wait(lambda e: names(e, "channel_occupied", p1), validator=sdk)
         time.sleep(0.2)
         got = other.events()
@@ -268,11 +265,13 @@ def test_endpoint_down_then_back_every_webhook_arrives(fresh_relay, receiver):
     ws.close()
 
 
-def test_kill9_pending_webhooks_arrive_after_restart(fresh_relay, receiver):
-    env = hook_env(receiver.url)
+def kill9_then_restart(fresh_relay: Any, receiver: Receiver, env: dict, tag: str,
+                       wait_timeout: float = 5.0, none_before_restart: bool = False) -> None:
+    """10 channel_occupied webhooks, every POST refused, then kill -9 of the server: another
+    server started with the same env delivers each of them exactly once."""
     relay = fresh_relay(env)
     receiver.status = 503
-    chans = [f"crash-{uniq()}-{i}" for i in range(10)]
+    chans = [f"{tag}-{uniq()}-{i}" for i in range(10)]
     ws = connect(relay)
     for ch in chans:
         ws.subscribe(ch)
@@ -281,11 +280,19 @@ def test_kill9_pending_webhooks_arrive_after_restart(fresh_relay, receiver):
     relay.proc.wait()
     ws.close()
     receiver.status = 200
-    assert receiver.events() == []
-    fresh_relay(env)  # same data dir: the SQLite outbox is still there
-    receiver.wait(lambda e: len(names(e, "channel_occupied")) >= 10, validator=relay.pusher())
+    if none_before_restart:
+        assert receiver.events() == []
+    fresh_relay(env)
+    receiver.wait(lambda e: len(names(e, "channel_occupied")) >= 10, timeout=wait_timeout,
+                  validator=relay.pusher())
     time.sleep(0.3)
     assert Counter(e["channel"] for e in names(receiver.events(), "channel_occupied")) == Counter(chans)
+
+
+def test_kill9_pending_webhooks_arrive_after_restart(fresh_relay, receiver):
+    # the restarted server has the same data dir: the SQLite outbox is still there
+    kill9_then_restart(fresh_relay, receiver, hook_env(receiver.url), "crash",
+                       none_before_restart=True)
 
 
 def test_dead_letters_listed_and_redelivered(fresh_relay, receiver):
@@ -386,22 +393,8 @@ def test_redis_outbox_survives_kill9(fresh_relay, receiver):
                                   "FASTRELAY_WEBHOOK_RECLAIM_IDLE": "1",
                                   # one process: SIGKILL must kill the server, not a supervisor
                                   "FASTRELAY_WORKERS": "1"})
-    relay = fresh_relay(env)
-    receiver.status = 503
-    chans = [f"rcrash-{uniq()}-{i}" for i in range(10)]
-    ws = connect(relay)
-    for ch in chans:
-        ws.subscribe(ch)
-    time.sleep(0.5)
-    relay.proc.send_signal(signal.SIGKILL)
-    relay.proc.wait()
-    ws.close()
-    receiver.status = 200
-    fresh_relay(env)  # another port: another consumer, which takes the entries over
-    receiver.wait(lambda e: len(names(e, "channel_occupied")) >= 10, timeout=8,
-                  validator=relay.pusher())
-    time.sleep(0.3)
-    assert Counter(e["channel"] for e in names(receiver.events(), "channel_occupied")) == Counter(chans)
+    # the restarted server is on another port: another consumer, which takes the entries over
+    kill9_then_restart(fresh_relay, receiver, env, "rcrash", wait_timeout=8)
 
 
 def test_config_rejects_bad_endpoints():
@@ -437,7 +430,7 @@ def test_dead_node_channels_are_vacated_once(fresh_relay, receiver):
     ws.subscribe(shared)
     keep = connect(survivor)
     keep.subscribe(shared)
-    ghost = join_presence(doomed, presence, "ghost")  # kept open until the node dies
+    ghost = member(doomed, presence, "ghost")  # kept open until the node dies
     sdk = survivor.pusher()
     receiver.wait(lambda e: names(e, "member_added", presence) and names(e, "channel_occupied", only_there),
                   validator=sdk)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import os
 import socket
@@ -21,7 +22,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fastrelay.signatures import sign_api_request
+from fastrelay._core import hmac_sha256_hex
+
+from fastrelay.signatures import sign_api_request, sign_channel
 
 DEFAULT_TIMEOUT = 3.0
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -374,3 +377,39 @@ def connect(relay: Any, **kw: Any) -> WS:
     ws.established = msg["data"]
     ws.socket_id = msg["data"]["socket_id"]
     return ws
+
+
+# ---------------------------------------------------------------- Pusher auth, intake signing
+
+
+def join_presence(relay: Any, ws: WS, channel: str, user_id: Any, info: Any = None,
+                  expect: bool = True) -> dict | None:
+    """Subscribes ws to a presence channel as user_id (with user_info when info is not None)."""
+    member = {"user_id": user_id}
+    if info is not None:
+        member["user_info"] = info
+    cd = json.dumps(member)
+    auth = sign_channel(relay.key, relay.secret, ws.socket_id, channel, cd)
+    return ws.subscribe(channel, auth, cd, expect=expect)
+
+
+def user_auth(relay: Any, ws: WS, user_data: str) -> str:
+    """The pusher:signin `auth` ("key:sig") for user_data exactly as given (which need not be
+    valid: the tests send user data without an id on purpose)."""
+    sig = hmac_sha256_hex(relay.secret.encode(), f"{ws.socket_id}::user::{user_data}".encode())
+    return f"{relay.key}:{sig}"
+
+
+def signin(relay: Any, ws: WS, user: dict) -> dict:
+    """Signs ws in as user; returns pusher:signin_success."""
+    user_data = json.dumps(user)
+    ws.send_json("pusher:signin", {"auth": user_auth(relay, ws, user_data), "user_data": user_data})
+    return ws.expect("pusher:signin_success")
+
+
+def intake_headers(secret: str, raw: bytes, ts: int | None = None) -> dict[str, str]:
+    """Headers of a signed POST /api/events, built here with hmac (independent of the server)."""
+    t = str(int(time.time()) if ts is None else ts)
+    sig = hmac.new(secret.encode(), t.encode() + b"." + raw, hashlib.sha256).hexdigest()
+    return {"Content-Type": "application/json", "X-Fastrelay-Timestamp": t,
+            "X-Fastrelay-Signature": "sha256=" + sig}
