@@ -115,6 +115,7 @@ class PostgresApps:
     def __init__(self, url: str, table: str = "apps") -> None:
         self.url = url
         self.table = table
+        self._schema_done = False  # the table is created (if missing) on the first connect only
 
     def schema(self) -> str:
         return (f"CREATE TABLE IF NOT EXISTS {self.table} (id text PRIMARY KEY, key text NOT NULL "
@@ -126,7 +127,13 @@ class PostgresApps:
         import asyncpg
 
         conn = await asyncpg.connect(self.url, timeout=5)
-        await conn.execute(self.schema())
+        if not self._schema_done:
+            try:
+                await conn.execute(self.schema())
+            except BaseException:
+                await conn.close()
+                raise
+            self._schema_done = True
         return conn
 
     async def load(self) -> list[App]:
@@ -169,14 +176,20 @@ class PostgresApps:
         return done.endswith(" 1")
 
 
-def development_app(data_dir: Path) -> App:
-    """The app used when none is configured, kept in the data dir so restarts keep its key."""
-    path = data_dir / "dev-app.json"
+def load_development_app(data_dir: Path) -> App | None:
+    """The development app kept in the data dir (`development_app`), if there is one."""
     try:
-        d = json.loads(path.read_text())
+        d = json.loads((data_dir / "dev-app.json").read_text())
         return App(id=d["id"], key=d["key"], secret=d["secret"], name="development")
     except (OSError, ValueError, KeyError):
-        pass
+        return None
+
+
+def development_app(data_dir: Path) -> App:
+    """The app used when none is configured, kept in the data dir so restarts keep its key."""
+    app = load_development_app(data_dir)
+    if app is not None:
+        return app
     app = App(
         id=str(secrets.randbelow(900000) + 100000),
         key=secrets.token_hex(10),
@@ -184,6 +197,7 @@ def development_app(data_dir: Path) -> App:
         name="development",
     )
     data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "dev-app.json"
     path.write_text(json.dumps({"id": app.id, "key": app.key, "secret": app.secret}))
     path.chmod(0o600)
     return app

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .apps import AppManager, development_app
+from .apps import AppManager, development_app, load_development_app
 from .config import Config, ConfigError, load
 
 
@@ -104,15 +104,15 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def _target(args: argparse.Namespace, cfg: Config):  # noqa: ANN202
-    """(http base URL, ws base URL, ssl context or None, app) for send and listen."""
+    """(http base URL, ws base URL, ssl context or None, app) for send, listen and events."""
     import ssl
+
+    from .doctor import url_host
 
     if args.url:
         base = args.url.rstrip("/")
     else:
-        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else ("::1" if cfg.host == "::" else cfg.host)
-        host = f"[{host}]" if ":" in host else host
-        base = f"{'https' if cfg.tls_cert else 'http'}://{host}:{cfg.port}"
+        base = f"{'https' if cfg.tls_cert else 'http'}://{url_host(cfg.host)}:{cfg.port}"
     ctx = None
     if base.startswith("https"):
         ctx = ssl._create_unverified_context() if args.insecure else ssl.create_default_context()  # noqa: S323
@@ -142,74 +142,55 @@ def _apps_for(cfg: Config) -> list:
         return cfg.apps + asyncio.run(PostgresApps(cfg.apps_database_url or cfg.database_url,
                                                    cfg.apps_table).load())
     if not cfg.apps:
-        from .apps import App
-
-        try:
-            import json
-
-            d = json.loads((Path(cfg.data_dir) / "dev-app.json").read_text())
-            return [App(id=d["id"], key=d["key"], secret=d["secret"], name="development")]
-        except (OSError, ValueError, KeyError):
-            return []
+        app = load_development_app(Path(cfg.data_dir))
+        return [app] if app is not None else []
     return cfg.apps
 
 
 def cmd_send(args: argparse.Namespace) -> int:
     import json
-    import urllib.error
-    import urllib.request
 
-    from .signatures import sign_api_request
-
-    cfg = _load(args)
-    base, _, ctx, app = _target(args, cfg)
+    target = _target(args, _load(args))
+    app = target[3]
     body = json.dumps({"name": args.event, "channels": args.channel, "data": args.data}).encode()
-    path = f"/apps/{app.id}/events"
-    query = "&".join(f"{k}={v}" for k, v in sign_api_request(app.key, app.secret, "POST", path,
-                                                              body).items())
-    req = urllib.request.Request(f"{base}{path}?{query}", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
-            r.read()
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode(errors="replace")[:300]
+    status, answer = _signed_call(target, "POST", f"/apps/{app.id}/events", body=body,
+                                  content_type="application/json")
+    if not 200 <= status < 300:
+        detail = answer.decode(errors="replace")[:300]
         hint = {401: " (the app secret here differs from the server's?)",
                 404: " (the server does not know this app id)",
                 429: " (the app's rate limit)", 503: " (the server is draining or its audit is full)"}
-        return _fail(f"the server answered {e.code}: {detail}{hint.get(e.code, '')}")
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        return _fail(f"cannot reach {base}: {reason}. Is the server running (`fastrelay serve`), "
-                     "and do --url / host / port point at it?")
+        return _fail(f"the server answered {status}: {detail}{hint.get(status, '')}")
     print(f"sent {args.event} to {', '.join(args.channel)} (app {app.id})", file=sys.stderr)
     return 0
 
 
-def _signed_call(args: argparse.Namespace, method: str, path: str,
-                 params: dict[str, str] | None = None) -> tuple[int, dict]:
-    """A signed request to the server's intake API; (status, JSON answer)."""
-    import json
+def _signed_call(target: tuple, method: str, path: str, params: dict[str, str] | None = None,
+                 body: bytes | None = None, content_type: str | None = None) -> tuple[int, bytes]:
+    """A signed request to the server's HTTP API, for a `_target`: (status, the answer's
+    bytes), errors included. A server that cannot be reached ends the command."""
     import urllib.error
     import urllib.parse
     import urllib.request
 
     from .signatures import sign_api_request
 
-    cfg = _load(args)
-    base, _, ctx, app = _target(args, cfg)
-    query = urllib.parse.urlencode(sign_api_request(app.key, app.secret, method, path,
+    base, _, ctx, app = target
+    query = urllib.parse.urlencode(sign_api_request(app.key, app.secret, method, path, body or b"",
                                                     params=params))
-    req = urllib.request.Request(f"{base}{path}?{query}", method=method, data=b"" if method == "POST"
-                                 else None)
+    if body is None and method == "POST":
+        body = b""
+    req = urllib.request.Request(f"{base}{path}?{query}", data=body, method=method,
+                                 headers={"Content-Type": content_type} if content_type else {})
     try:
         with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
-            return r.status, json.loads(r.read())
+            return r.status, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+        return e.code, e.read()
     except (urllib.error.URLError, OSError) as e:
         raise SystemExit(_fail(f"cannot reach {base}: {getattr(e, 'reason', e)}. Is the server "
-                               "running, and do --url / host / port point at it?")) from None
+                               "running (`fastrelay serve`), and do --url / host / port point at "
+                               "it?")) from None
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -218,8 +199,14 @@ def cmd_events(args: argparse.Namespace) -> int:
     import json
     import time
 
+    target = _target(args, _load(args))  # once: a poll only signs a new request
+
+    def call(method: str, path: str, params: dict[str, str] | None = None) -> tuple[int, dict]:
+        status, answer = _signed_call(target, method, path, params)
+        return status, json.loads(answer or b"{}")
+
     if args.events_command == "replay":
-        status, body = _signed_call(args, "POST", f"/api/events/{args.id}/replay")
+        status, body = call("POST", f"/api/events/{args.id}/replay")
         if status != 202:
             return _fail(f"the server answered {status}: {body.get('error', body)}")
         print(f"replayed {args.id} as {body['id']}", file=sys.stderr)
@@ -234,7 +221,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout if args.timeout else None
     while True:
         q = dict(params, since=repr(since)) if since is not None else params
-        status, body = _signed_call(args, "GET", "/api/events", q)
+        status, body = call("GET", "/api/events", q)
         if status != 200:
             return _fail(f"the server answered {status}: {body.get('error', body)}")
         for ev in reversed(body["events"]):  # oldest first on the screen
@@ -261,7 +248,6 @@ def cmd_listen(args: argparse.Namespace) -> int:
 async def _listen(args: argparse.Namespace, ws_base: str, ctx, app) -> int:  # noqa: ANN001
     import asyncio
     import json
-    import os
 
     import picows
 
@@ -432,7 +418,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    import os
     import signal
 
     from .server import pid_file

@@ -125,7 +125,6 @@ class Cluster:
         # a dead node's entries are gone within 1.25 x node_timeout (25 s by default)
         self.dead_after = node.cfg.node_timeout
         self.heartbeat = node.cfg.node_timeout / 4
-        self.reaped = 0
         self._tasks: list[asyncio.Task] = []
         bus.on("pm", self._on_presence_message)
         bus.on("term", self._on_terminate)
@@ -289,9 +288,6 @@ class Cluster:
             out[channel] = out.get(channel, 0) + int(v)
         return {k: v for k, v in out.items() if v > 0}
 
-    async def subscription_count(self, app_id: str, channel: str) -> int:
-        return (await self.channel_counts(app_id)).get(channel, 0)
-
     # ------------------------------------------------------------------ terminate
 
     def terminate_user(self, app_id: str, user_id: str) -> None:
@@ -313,7 +309,6 @@ class Cluster:
                     d = d.decode() if isinstance(d, bytes) else d
                     if d != self.id and await self.redis.set(f"{self.p}:reap:{d}", self.id, nx=True, ex=60):
                         await self._reap(d)
-                        self.reaped += 1
             except asyncio.CancelledError:
                 raise
             except Exception as e:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, load
+from .logs import redact_url
 
 
 @dataclass
@@ -58,9 +59,9 @@ def run(config_path: str | None = None, env: dict[str, str] | None = None) -> Re
     where = cfg.config_path or "defaults and environment (no TOML file)"
     r.ok(f"configuration loads ({where})")
     check_apps(cfg, r)
-    check_port(cfg, r, cfg.host, cfg.port, "port")
+    check_port(r, cfg.host, cfg.port, "port")
     if cfg.metrics_port:
-        check_port(cfg, r, cfg.host, cfg.metrics_port, "metrics_port")
+        check_port(r, cfg.host, cfg.metrics_port, "metrics_port")
     check_data_dir(cfg, r)
     check_fds(cfg, r)
     check_somaxconn(r)
@@ -86,8 +87,15 @@ def check_apps(cfg: Config, r: Report) -> None:
         r.ok(f"{len(cfg.apps)} app(s) configured: {', '.join(a.id for a in cfg.apps)}")
 
 
-def _fastrelay_answers(host: str, port: int) -> bool:
+def url_host(host: str) -> str:
+    """The host part of a URL that reaches, from this machine, a server bound to `host`: the
+    loopback address for a wildcard bind, IPv6 addresses in brackets."""
     h = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    return f"[{h}]" if ":" in h else h
+
+
+def _fastrelay_answers(host: str, port: int) -> bool:
+    h = url_host(host)
     for scheme in ("http", "https"):
         try:
             ctx = ssl._create_unverified_context() if scheme == "https" else None  # noqa: S323
@@ -98,7 +106,7 @@ def _fastrelay_answers(host: str, port: int) -> bool:
     return False
 
 
-def check_port(cfg: Config, r: Report, host: str, port: int, name: str) -> None:
+def check_port(r: Report, host: str, port: int, name: str) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -172,17 +180,30 @@ def check_redis(cfg: Config, r: Report) -> None:
             r.ok("Redis not configured (single worker, in-process bus)")
         return
     try:
-        import redis
-
-        client = redis.Redis.from_url(cfg.redis_url, socket_connect_timeout=2, socket_timeout=2)
-        client.ping()
-        version = client.info("server").get("redis_version", "?")
-        client.close()
+        version = asyncio.run(_redis_probe(cfg.redis_url))
     except Exception as e:
-        r.fail(f"Redis at {_safe_url(cfg.redis_url)} is unreachable ({type(e).__name__}: {e})",
+        r.fail(f"Redis at {redact_url(cfg.redis_url)} is unreachable ({type(e).__name__}: {e})",
                "start Redis, or correct redis_url (FASTRELAY_REDIS_URL)")
         return
-    r.ok(f"Redis {version} at {_safe_url(cfg.redis_url)} answers")
+    r.ok(f"Redis {version} at {redact_url(cfg.redis_url)} answers")
+
+
+async def _redis_probe(url: str) -> str:
+    """The server's version, through the client the server uses (single, Sentinel, Cluster)."""
+    from .redisconn import connect
+
+    client = connect(url)[0]
+    try:
+        try:
+            await asyncio.wait_for(client.ping(), 2)
+        except TimeoutError:
+            raise TimeoutError("no answer within 2 s") from None
+        info = await asyncio.wait_for(client.info("server"), 2)
+    finally:
+        await client.aclose()
+    if "redis_version" not in info and info:  # a Redis Cluster answers per node
+        info = next(iter(info.values()))
+    return info.get("redis_version", "?")
 
 
 def check_postgres(cfg: Config, r: Report) -> None:
@@ -195,10 +216,10 @@ def check_postgres(cfg: Config, r: Report) -> None:
         try:
             version, has_table = asyncio.run(_pg_probe(url, cfg.apps_table))
         except Exception as e:
-            r.fail(f"PostgreSQL ({name}) at {_safe_url(url)} is unreachable ({type(e).__name__}: {e})",
+            r.fail(f"PostgreSQL ({name}) at {redact_url(url)} is unreachable ({type(e).__name__}: {e})",
                    f"start PostgreSQL, or correct {name} (FASTRELAY_{name.upper()})")
             continue
-        r.ok(f"PostgreSQL {version} ({name}) at {_safe_url(url)} answers")
+        r.ok(f"PostgreSQL {version} ({name}) at {redact_url(url)} answers")
         if name == "apps_database_url" and not has_table:
             r.warn(f"table {cfg.apps_table!r} does not exist yet (created on first use)",
                    "run `fastrelay apps create NAME` to create it with a first app")
@@ -256,20 +277,6 @@ def check_console(cfg: Config, r: Report) -> None:
                "'import secrets; print(secrets.token_urlsafe(32))'")
     else:
         r.ok("console on at /console (admin_token set)")
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password: secrets never appear in output."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        u = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if u.password:
-        netloc = f"{u.username}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
-        return urlunsplit(u._replace(netloc=netloc))
-    return url
 
 
 def main(config_path: str | None = None) -> int:

@@ -16,12 +16,18 @@ _SECRET_FIELDS = {"secret", "app_secret", "admin_token", "token", "password", "c
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@/\s]+@")
 
 
+def redact_url(s: str) -> str:
+    """s with the password of every URL in it masked (`redis://:***@host:6379/0`); the rest,
+    several hosts included (`redis+sentinel://:***@h1:26379,h2:26379/m`), is kept as is."""
+    return _URL_PASSWORD.sub(r"\1***@", s)
+
+
 def _redact(key: str, value: object) -> object:
     """Belt and braces: a field named like a secret is masked, and so is a URL's password."""
     if key.lower() in _SECRET_FIELDS:
         return "***"
     if isinstance(value, str) and "://" in value:
-        return _URL_PASSWORD.sub(r"\1***@", value)
+        return redact_url(value)
     return value
 
 

@@ -1,7 +1,7 @@
 """Operations: Prometheus metrics (`/metrics`), readiness (`/ready`) and the console's tap.
 
 Almost everything is read at scrape time from state the worker keeps anyway (`node.stats`,
-the channel table, the audit's `AuditStats`, the bus and webhooks if they expose counters).
+the channel table, the audit's `AuditStats`, the Redis bus's counters, `WebhookStats`).
 What has to be counted as it happens is an O(1) add on a plain attribute: one per client
 message, one per closed socket, one per event fanned out (the latency histogram is one
 `bisect` into a list of ints per event, never per delivery). No Python object is created
@@ -37,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 
 from . import __version__, _core
+from .bus import LocalBus
 
 if TYPE_CHECKING:
     from ._core import Conn, Request
@@ -58,18 +59,16 @@ def worker_id() -> str:
 class Histogram:
     """Fixed buckets as a list of ints: observe() is a bisect and two adds."""
 
-    __slots__ = ("bounds", "counts", "total", "n")
+    __slots__ = ("bounds", "counts", "total")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
-        self.n = 0
 
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
-        self.n += 1
 
     def buckets(self) -> list[tuple[str, int]]:
         out, acc = [], 0
@@ -226,13 +225,9 @@ class Ops:
                 problems = await self.readiness()
             except Exception as e:  # never leave the request hanging
                 problems = {"check": repr(e)[:200]}
-            if problems:
-                body = {"ready": False, "reason": "; ".join(f"{k}: {v}" for k, v in problems.items()),
-                        "checks": problems}
-                conn.respond(503, orjson.dumps(body), b"application/json", [("Retry-After", "1")],
-                             req.keep_alive)
-            else:
-                conn.respond(200, b'{"ready":true}', b"application/json", None, req.keep_alive)
+            status, body = _ready_answer(problems)
+            conn.respond(status, body, b"application/json",
+                         [("Retry-After", "1")] if problems else None, req.keep_alive)
 
         self.node.loop.create_task(run())
 
@@ -275,6 +270,16 @@ class Ops:
         return out
 
 
+def _ready_answer(problems: dict[str, str]) -> tuple[int, bytes]:
+    """/ready's status and body: 200 {"ready": true}, or 503 {"ready": false, "reason": ...,
+    "checks": {...}}."""
+    if not problems:
+        return 200, b'{"ready":true}'
+    return 503, orjson.dumps({"ready": False,
+                              "reason": "; ".join(f"{k}: {v}" for k, v in problems.items()),
+                              "checks": problems})
+
+
 async def _pg_ping(url: str, timeout: float) -> None:
     import asyncpg
 
@@ -293,25 +298,6 @@ class _Fixed:
 
     def collect(self) -> list[Any]:
         return self.fams
-
-
-def _attr(obj: Any, *names: str) -> float:
-    """The first counter found among names, on obj or on obj.stats; 0 when absent."""
-    if obj is None:
-        return 0
-    for holder in (obj, getattr(obj, "stats", None)):
-        if holder is None:
-            continue
-        if isinstance(holder, dict):
-            for n in names:
-                if n in holder:
-                    return float(holder[n] or 0)
-            continue
-        for n in names:
-            v = getattr(holder, n, None)
-            if isinstance(v, int | float):
-                return float(v)
-    return 0
 
 
 class _NodeCollector:
@@ -432,25 +418,31 @@ class _NodeCollector:
             gauge("fastrelay_audit_last_write_seconds", "Latency of the last batch write",
                   a.last_write_latency)
 
-        # bus (read from the bus if it exposes them; 0 for the in-process bus)
-        bus = node.bus
+        # bus: the Redis bus's counters (the in-process bus has none: 0)
+        rb = None if isinstance(node.bus, LocalBus) else node.bus
         gauge("fastrelay_bus_lag_seconds", "Bus delivery lag (0 for the in-process bus)",
-              _attr(bus, "lag_seconds", "lag"))
-        counter("fastrelay_bus_reconnects", "Bus reconnects", _attr(bus, "reconnects"))
+              rb.lag if rb is not None else 0)
+        counter("fastrelay_bus_reconnects", "Bus reconnects", rb.reconnects if rb is not None else 0)
         counter("fastrelay_bus_published", "Events published on the bus",
-                _attr(bus, "published"))
-        counter("fastrelay_bus_received", "Events received from the bus", _attr(bus, "received"))
+                rb.published if rb is not None else 0)
+        counter("fastrelay_bus_received", "Events received from the bus",
+                rb.received if rb is not None else 0)
+        counter("fastrelay_bus_forged", "Bus messages dropped for a bad MAC (forged or corrupted)",
+                rb.forged if rb is not None else 0)
+        counter("fastrelay_bus_dropped",
+                "Bus messages dropped unsent because the outgoing queue was full (Redis away)",
+                rb.dropped if rb is not None else 0)
 
-        # webhooks (read from node.webhooks if present)
-        wh = getattr(node, "webhooks", None)
+        # webhooks (when an app has endpoints)
+        wh = node.webhooks.stats if node.webhooks is not None else None
         counter("fastrelay_webhook_deliveries", "Webhook events acknowledged (2xx) by an endpoint",
-                _attr(wh, "delivered", "deliveries", "sent"))
+                wh.delivered if wh is not None else 0)
         counter("fastrelay_webhook_retries", "Failed webhook POSTs (each is retried with back-off)",
-                _attr(wh, "retries", "failures"))
+                wh.failures if wh is not None else 0)
         counter("fastrelay_webhook_failures", "Webhook events given up on (moved to dead letters)",
-                _attr(wh, "dead", "failed"))
+                wh.dead if wh is not None else 0)
         counter("fastrelay_webhook_edges", "Channel and member edges recorded for webhooks",
-                _attr(wh, "edges"))
+                wh.edges if wh is not None else 0)
         gauge("fastrelay_console_open", "Apps with a live console feed open", len(ops.console))
         return out
 
@@ -468,9 +460,7 @@ async def start_metrics_server(ops: Ops, host: str, port: int) -> asyncio.Abstra
             elif path == b"/up":
                 status, ctype, body = 200, b"text/plain", b"OK"
             elif path == b"/ready":
-                problems = await ops.readiness()
-                status = 503 if problems else 200
-                body = orjson.dumps({"ready": not problems, **({"checks": problems} if problems else {})})
+                status, body = _ready_answer(await ops.readiness())
             reason = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}[status]
             writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
                          b"Connection: close\r\n\r\n" % (status, reason, ctype, len(body)) + body)

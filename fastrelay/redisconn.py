@@ -12,14 +12,16 @@ keys share one hash tag so the Lua scripts that touch several of them stay in on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 @dataclass
 class RedisTarget:
     kind: str  # single | sentinel | cluster
-    url: str
     hosts: list[tuple[str, int]]
     password: str | None
     db: int
@@ -34,7 +36,7 @@ def parse(url: str) -> RedisTarget:
     u = urlparse(url)
     scheme = u.scheme.lower()
     if scheme in ("redis", "rediss", "unix"):
-        return RedisTarget("single", url, [], None, 0, "")
+        return RedisTarget("single", [], None, 0, "")
     if scheme not in ("redis+sentinel", "redis+cluster"):
         raise ValueError(f"redis_url: unknown scheme {u.scheme!r} (redis, rediss, redis+sentinel, "
                          "redis+cluster)")
@@ -49,9 +51,9 @@ def parse(url: str) -> RedisTarget:
         if not parts:
             raise ValueError("redis_url: a sentinel URL needs the service name: "
                              "redis+sentinel://host:26379/mymaster")
-        return RedisTarget("sentinel", url, hosts, password, int(parts[1]) if len(parts) > 1 else 0,
+        return RedisTarget("sentinel", hosts, password, int(parts[1]) if len(parts) > 1 else 0,
                            parts[0])
-    return RedisTarget("cluster", url, hosts, password, 0, "")
+    return RedisTarget("cluster", hosts, password, 0, "")
 
 
 def connect(url: str) -> tuple[Any, RedisTarget]:
@@ -76,3 +78,9 @@ def connect(url: str) -> tuple[Any, RedisTarget]:
 def key_prefix(prefix: str, target: RedisTarget) -> str:
     """On a Redis Cluster, a hash tag keeps a deployment's state keys in one slot."""
     return "{" + prefix + "}" if target.sharded else prefix
+
+
+def redis_prefix(cfg: Config) -> str:
+    """The deployment's key prefix, hash-tagged on a Redis Cluster so that one Lua call's
+    keys (webhook claims and outbox, cluster state) share a slot."""
+    return key_prefix(cfg.key_prefix, parse(cfg.redis_url)) if cfg.redis_url else cfg.key_prefix

@@ -140,9 +140,9 @@ async def build_node(cfg: Config, apps: AppManager) -> Node:
     node.ops.start()
     if redis is not None:
         from .cluster import Cluster
-        from .redisconn import key_prefix, parse
+        from .redisconn import redis_prefix
 
-        node.cluster = Cluster(node, redis, node.bus, key_prefix(cfg.key_prefix, parse(cfg.redis_url)))
+        node.cluster = Cluster(node, redis, node.bus, redis_prefix(cfg))
     _core.configure(node, loop, max_header=cfg.max_header_size, max_body=cfg.max_body_size,
                     max_frame=cfg.max_message_size, max_outbound=cfg.max_outbound_buffer)
     await node.bus.start(node)

@@ -23,6 +23,7 @@ import blake3
 import orjson
 
 from ..events import Event
+from ..logs import redact_url
 from ..redisconn import connect as connect_redis
 from ..redisconn import key_prefix
 from ..redisconn import parse as parse_url
@@ -84,7 +85,8 @@ class RedisBus:
         try:
             await asyncio.wait_for(self.connected.wait(), 5)
         except TimeoutError:
-            log.warning("redis is not reachable yet; serving local traffic", extra={"url": self._safe_url()})
+            log.warning("redis is not reachable yet; serving local traffic",
+                        extra={"url": redact_url(self.url)})
 
     def publish(self, event: Event) -> None:
         if self._node is not None:
@@ -122,9 +124,6 @@ class RedisBus:
 
     def _client(self) -> Any:
         return connect_redis(self.url)[0]
-
-    def _safe_url(self) -> str:
-        return self.url.split("@")[-1]  # no password in logs
 
     def _seal(self, items: list[bytes]) -> bytes:
         # ["origin", sent_at, [items...]]: items are already JSON, so join instead of re-encoding
@@ -172,7 +171,7 @@ class RedisBus:
                 self.connected.set()
                 if not first:
                     self.reconnects += 1
-                    log.info("bus reconnected", extra={"url": self._safe_url()})
+                    log.info("bus reconnected", extra={"url": redact_url(self.url)})
                     for cb in self.on_reconnect:
                         res = cb()
                         if asyncio.iscoroutine(res):

@@ -16,12 +16,10 @@ occupied: with no console open, the cost is one falsy check per event.
 
 from __future__ import annotations
 
-import hmac
-from hashlib import sha256
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._core import Conn, Request, parse_query
+from .._core import Conn, Request, constant_time_equal, hmac_sha256_hex, parse_query
 from ..http_api import HttpError, json_body, reply
 from ..metrics import CONSOLE_CHANNEL
 from ..signatures import sign_channel
@@ -45,23 +43,23 @@ class Console:
     # ------------------------------------------------------------------ access
 
     def _cookie_value(self) -> str:
-        return hmac.new(self.node.cfg.admin_token.encode(), b"fastrelay-console", sha256).hexdigest()
+        return hmac_sha256_hex(self.node.cfg.admin_token.encode(), b"fastrelay-console")
 
     def _query_token_ok(self, req: Request) -> bool:
         token = parse_query(req.query).get("token", "") if req.query else ""
-        return bool(token) and hmac.compare_digest(token.encode(), self.node.cfg.admin_token.encode())
+        return bool(token) and constant_time_equal(token.encode(), self.node.cfg.admin_token.encode())
 
     def _authorised(self, req: Request) -> bool:
         token = self.node.cfg.admin_token
         header = req.headers.get("x-fastrelay-admin-token")
         if header is not None:
-            return hmac.compare_digest(header.encode(), token.encode())
+            return constant_time_equal(header.encode(), token.encode())
         if self._query_token_ok(req):
             return True
         want = self._cookie_value()
         for part in req.headers.get("cookie", "").split(";"):
             name, _, value = part.strip().partition("=")
-            if name == COOKIE and hmac.compare_digest(value.encode(), want.encode()):
+            if name == COOKIE and constant_time_equal(value.encode(), want.encode()):
                 return True
         return False
 

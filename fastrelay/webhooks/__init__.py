@@ -1,10 +1,12 @@
 """Webhooks: channel and member edges, client events, cache misses and subscription counts,
 POSTed to each app's endpoints with Pusher's body and signature.
 
-    manager = WebhookManager(cfg, apps, redis)   # redis: None -> SQLite outbox in data_dir
+    manager = WebhookManager(cfg, apps, redis, node=node)
+    # redis: None -> SQLite outbox in data_dir; node: its cluster state (when clustered)
+    # tells apart occupied/vacated edges that other nodes' subscribers make node-local
     await manager.start()
-    node.webhooks = manager                      # the node's edge hooks call it (O(1))
-    await manager.close()                        # flushes recorded edges to the outbox
+    node.webhooks = manager        # the node's edge hooks call it (O(1))
+    await manager.close()          # flushes recorded edges to the outbox
 """
 
 from __future__ import annotations

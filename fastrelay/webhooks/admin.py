@@ -14,9 +14,9 @@ from .manager import open_outbox
 async def _with_outbox(cfg: Any, fn: Any) -> Any:
     redis = None
     if cfg.redis_url:
-        import redis.asyncio as aioredis
+        from ..redisconn import connect
 
-        redis = aioredis.from_url(cfg.redis_url)
+        redis = connect(cfg.redis_url)[0]
     outbox = open_outbox(cfg, redis)
     try:
         return await fn(outbox)

@@ -7,24 +7,25 @@ cluster, queued in a durable outbox and POSTed in batches by a background sender
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import os
 import socket
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .._core import hmac_sha256_hex
+from ..redisconn import redis_prefix
 from .http import HttpClient, HttpError
 from .outbox import Edge, Item, Outbox, RedisOutbox, SqliteOutbox
 
 if TYPE_CHECKING:
     from fastrelay.apps import AppManager
+    from fastrelay.cluster import Cluster
     from fastrelay.config import Config
 
 log = logging.getLogger("fastrelay.webhooks")
@@ -75,18 +76,12 @@ class Endpoint:
 
 @dataclass(slots=True)
 class WebhookStats:
+    """The counters /metrics exports."""
+
     edges: int = 0  # edges recorded by the hooks
-    suppressed: int = 0  # edges dropped: the channel/member came back within the delay
-    queued: int = 0  # edges written to the outbox (after the claim)
-    duplicates: int = 0  # edges another node had already claimed
-    local_only: int = 0  # occupied/vacated this node saw while other nodes had subscribers
     delivered: int = 0  # events acknowledged by an endpoint (2xx)
-    posts: int = 0
     failures: int = 0  # failed POSTs (non-2xx, network, timeout)
     dead: int = 0  # events moved to the dead letters
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 class _Sender:
@@ -107,14 +102,6 @@ class _Sender:
         self.task: asyncio.Task[None] | None = None
 
 
-def redis_prefix(cfg: Config) -> str:
-    """The deployment's key prefix, hash-tagged on a Redis Cluster so that one Lua call's
-    keys (claims, outbox, cluster counts) share a slot."""
-    from ..redisconn import key_prefix, parse
-
-    return key_prefix(cfg.key_prefix, parse(cfg.redis_url)) if cfg.redis_url else cfg.key_prefix
-
-
 def open_outbox(cfg: Config, redis: Any = None) -> Outbox:
     if redis is not None:
         delay_ms = int(cfg.webhook_delay * 1000)
@@ -126,12 +113,12 @@ def open_outbox(cfg: Config, redis: Any = None) -> Outbox:
 
 
 class WebhookManager:
-    def __init__(self, cfg: Config, apps: AppManager, redis: Any = None,
-                 outbox: Outbox | None = None, node: Any = None) -> None:
+    def __init__(self, cfg: Config, apps: AppManager, redis: Any = None, node: Any = None) -> None:
         self.cfg = cfg
         self.node = node  # its cluster state (when clustered) tells node-local edges apart
         self.apps = apps
         self.redis = redis
+        self.prefix = redis_prefix(cfg)
         self.delay = max(0.0, cfg.webhook_delay)
         # Claim buckets: half the delay. Two sent edges of one kind on one channel (and user)
         # are always more than `delay` apart (the delay suppresses anything quicker), so they
@@ -139,7 +126,7 @@ class WebhookManager:
         # same or an adjacent bucket, and the claim checks both neighbours.
         self.bucket_ms = max(50, int(self.delay * 500))
         self.flush_interval = max(0.005, cfg.webhook_flush_interval)
-        self.outbox = outbox or open_outbox(cfg, redis)
+        self.outbox: Outbox = open_outbox(cfg, redis)
         self.http = HttpClient(cfg.webhook_timeout)
         self.stats = WebhookStats()
         self._eps: dict[str, tuple[Any, tuple[Endpoint, ...]]] = {}
@@ -149,7 +136,6 @@ class WebhookManager:
         self._counts: dict[tuple[str, str], Any] = {}
         self._senders: dict[tuple[str, str], _Sender] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._closing = False
 
     # ------------------------------------------------------------------ edges (O(1), sync)
 
@@ -187,8 +173,7 @@ class WebhookManager:
             return
         self.stats.edges += 1
         if self._delayed.pop((app_id, opposite, channel, user), None) is not None:
-            self.stats.suppressed += 2  # back within the delay: neither edge is sent
-            return
+            return  # back within the delay: neither edge is sent
         self._ready.append((app_id, kind, channel, user, None, self._now_ms()))
 
     def _went(self, app_id: str, kind: str, channel: str, user: str | None) -> None:
@@ -235,7 +220,6 @@ class WebhookManager:
     async def close(self, grace: float = 2.0) -> None:
         """Writes every recorded edge (pending delays included) to the outbox, gives the
         senders `grace` seconds, then stops; what is left is delivered after a restart."""
-        self._closing = True
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -285,22 +269,21 @@ class WebhookManager:
         if not self._ready:
             return
         ready, self._ready = self._ready, []
+        cl = self.node.cluster if self.node is not None and self.redis is not None else None
         edges = []
         for r in ready:
-            e = self._edge(*r)
+            e = self._edge(*r, cl)
             if e is not None:
                 edges.append(e)
         try:
-            n = await self.outbox.add(edges)
+            # occupied/vacated: other nodes count when their heartbeat is this recent
+            await self.outbox.add(edges, time.time() - cl.dead_after if cl is not None else 0.0)
         except BaseException:
             self._ready[:0] = ready  # keep them for the next tick
             raise
-        self.stats.queued += n
-        self.stats.duplicates = getattr(self.outbox, "duplicates", 0)
-        self.stats.local_only = getattr(self.outbox, "local_only", 0)
 
     def _edge(self, app_id: str, kind: str, channel: str, user: str | None, extra: dict | None,
-              t_ms: int) -> Edge | None:
+              t_ms: int, cl: Cluster | None) -> Edge | None:
         ev: dict[str, Any] = {"name": kind, "channel": channel}
         if user is not None:
             ev["user_id"] = user
@@ -319,15 +302,12 @@ class WebhookManager:
         neighbours: tuple[str, ...] = ()
         if self.redis is not None and kind in CLAIMED:
             b = t_ms // self.bucket_ms
-            base = f"{redis_prefix(self.cfg)}:webhooks:claim:{app_id}:{kind}:{channel}:{user or ''}:"
+            base = f"{self.prefix}:webhooks:claim:{app_id}:{kind}:{channel}:{user or ''}:"
             claim = f"{base}{b}"
             neighbours = (f"{base}{b - 1}", f"{base}{b + 1}")
         cluster = None
-        if kind in ("channel_occupied", "channel_vacated") and self.redis is not None:
-            cl = self.node.cluster if self.node is not None else None
-            if cl is not None:
-                cluster = (f"{cl.p}:nodes", f"{cl.p}:subs:{app_id}", cl.id, channel,
-                           time.time() - cl.dead_after)
+        if cl is not None and kind in ("channel_occupied", "channel_vacated"):
+            cluster = (cl.id, channel)
         return Edge(claim, neighbours, app_id, entries, cluster)
 
     # ------------------------------------------------------------------ outbox → endpoints
@@ -385,7 +365,7 @@ class WebhookManager:
             return
         body = b'{"time_ms":%d,"events":[%s]}' % (self._now_ms(), b",".join(it.event for it in batch))
         headers = [("X-Pusher-Key", app.key),
-                   ("X-Pusher-Signature", hmac.new(app.secret_bytes, body, hashlib.sha256).hexdigest()),
+                   ("X-Pusher-Signature", hmac_sha256_hex(app.secret_bytes, body)),
                    *ep.headers]
         error = None
         try:
@@ -395,7 +375,6 @@ class WebhookManager:
         except HttpError as e:
             error = str(e)
         s.last_post = time.monotonic()
-        self.stats.posts += 1
         if error is None:
             s.backoff = 0.0
             self.stats.delivered += len(batch)

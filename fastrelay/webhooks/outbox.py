@@ -21,9 +21,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger("fastrelay.webhooks")
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -45,9 +46,9 @@ class Edge:
     neighbours: tuple[str, ...]
     app_id: str
     entries: list[tuple[str, bytes]]  # (url, event json)
-    # occupied/vacated with cluster state: (nodes key, subs key, node id, channel, oldest
-    # live heartbeat): not queued when another live node has subscribers on the channel
-    cluster: tuple[str, str, str, str, float] | None = None
+    # occupied/vacated with cluster state: (this node's cluster id, channel): not queued when
+    # another live node has subscribers on the channel
+    cluster: tuple[str, str] | None = None
 
 
 Deliver = Callable[[list[Item]], None]
@@ -55,13 +56,14 @@ Deliver = Callable[[list[Item]], None]
 
 class Outbox:
     async def start(self, deliver: Deliver) -> None: ...
-    async def add(self, edges: list[Edge]) -> int: ...
+    async def add(self, edges: list[Edge], oldest: float = 0.0) -> int:
+        """Queues the edges' entries; returns how many edges were queued. `oldest`: the
+        oldest heartbeat of a live node, for the edges' cluster checks."""
     async def done(self, items: list[Item]) -> None: ...
     async def dead(self, items: list[Item], error: str) -> None: ...
     async def keep(self, items: list[Item]) -> None: ...
     async def failed(self, limit: int = 1000) -> list[dict[str, Any]]: ...
     async def redeliver(self, ids: list[str] | None) -> int: ...
-    async def pending_count(self) -> int: ...
     async def close(self) -> None: ...
 
 
@@ -106,6 +108,22 @@ class SqliteOutbox(Outbox):
         db.executescript(_SCHEMA)
         self._db = db
 
+    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """fn(db) in one write transaction: committed, or rolled back when anything raises
+        (in autocommit mode a failed statement would otherwise leave it open, and every later
+        BEGIN would fail)."""
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            out = fn(db)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return out
+
     def _rows(self, state: int, limit: int = -1) -> list[Item]:
         assert self._db is not None
         rows = self._db.execute(
@@ -122,16 +140,19 @@ class SqliteOutbox(Outbox):
         self._poll = asyncio.create_task(self._poll_requeued(), name="webhooks-requeued")
 
     async def _poll_requeued(self) -> None:
+        def requeue(db: sqlite3.Connection) -> list[Item]:
+            now = time.time()  # the retry window starts again
+            items = self._rows(2)
+            db.execute("UPDATE webhook_outbox SET state = 0, created = ? WHERE state = 2", (now,))
+            for it in items:
+                it.created = now
+            return items
+
         def take() -> list[Item]:
             assert self._db is not None
             if self._db.execute("SELECT 1 FROM webhook_outbox WHERE state = 2 LIMIT 1").fetchone() is None:
                 return []
-            self._db.execute("BEGIN IMMEDIATE")
-            items = self._rows(2)
-            self._db.execute("UPDATE webhook_outbox SET state = 0, created = ? WHERE state = 2",
-                             (time.time(),))
-            self._db.execute("COMMIT")
-            return items
+            return self._tx(requeue)
 
         while True:
             await asyncio.sleep(self.poll_interval)
@@ -141,36 +162,25 @@ class SqliteOutbox(Outbox):
                 log.exception("webhooks: outbox poll failed")
                 continue
             if items and self._deliver is not None:
-                now = time.time()
-                for it in items:
-                    it.created = now
                 self._deliver(items)
 
-    async def add(self, edges: list[Edge]) -> int:
+    async def add(self, edges: list[Edge], oldest: float = 0.0) -> int:
         now = time.time()
         flat = [(e.app_id, url, ev) for e in edges for url, ev in e.entries]
         if not flat:
             return 0
 
-        def insert() -> list[Item]:
-            assert self._db is not None
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                first = None
-                for app_id, url, ev in flat:
-                    cur = db.execute("INSERT INTO webhook_outbox (app_id, url, event, created) "
-                                     "VALUES (?, ?, ?, ?)", (app_id, url, ev, now))
-                    if first is None:
-                        first = cur.lastrowid
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        def insert(db: sqlite3.Connection) -> list[Item]:
+            first = None
+            for app_id, url, ev in flat:
+                cur = db.execute("INSERT INTO webhook_outbox (app_id, url, event, created) "
+                                 "VALUES (?, ?, ?, ?)", (app_id, url, ev, now))
+                if first is None:
+                    first = cur.lastrowid
             assert first is not None
             return [Item(str(first + i), a, u, e, now) for i, (a, u, e) in enumerate(flat)]
 
-        items = await self._run(insert)
+        items = await self._run(self._tx, insert)
         if self._deliver is not None:
             self._deliver(items)
         return len(items)
@@ -178,26 +188,20 @@ class SqliteOutbox(Outbox):
     async def done(self, items: list[Item]) -> None:
         ids = [(int(it.id),) for it in items]
 
-        def delete() -> None:
-            assert self._db is not None
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("DELETE FROM webhook_outbox WHERE id = ?", ids)
-            self._db.execute("COMMIT")
+        def delete(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM webhook_outbox WHERE id = ?", ids)
 
-        await self._run(delete)
+        await self._run(self._tx, delete)
 
     async def dead(self, items: list[Item], error: str) -> None:
         now = time.time()
         rows = [(now, error, int(it.id)) for it in items]
 
-        def mark() -> None:
-            assert self._db is not None
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("UPDATE webhook_outbox SET state = 1, failed_at = ?, error = ? "
-                                 "WHERE id = ?", rows)
-            self._db.execute("COMMIT")
+        def mark(db: sqlite3.Connection) -> None:
+            db.executemany("UPDATE webhook_outbox SET state = 1, failed_at = ?, error = ? "
+                           "WHERE id = ?", rows)
 
-        await self._run(mark)
+        await self._run(self._tx, mark)
 
     async def keep(self, items: list[Item]) -> None:
         return None
@@ -226,13 +230,6 @@ class SqliteOutbox(Outbox):
 
         return await self._run(update)
 
-    async def pending_count(self) -> int:
-        def count() -> int:
-            assert self._db is not None
-            return self._db.execute("SELECT count(*) FROM webhook_outbox WHERE state != 1").fetchone()[0]
-
-        return await self._run(count)
-
     async def close(self) -> None:
         if self._poll is not None:
             self._poll.cancel()
@@ -248,7 +245,8 @@ class SqliteOutbox(Outbox):
 
 # Many edges per call. KEYS[1] stream, KEYS[2] the cluster's node zset (cluster.py); then per
 # edge 4 keys: its claim ('' for none), the neighbouring buckets' claims, the app's
-# subscription-count hash. ARGV[1] claim ttl ms, ARGV[2] oldest live heartbeat; then per edge:
+# subscription-count hash ('' without a cluster check). ARGV[1] claim ttl ms, ARGV[2] oldest
+# live heartbeat; then per edge:
 # app id, this node's cluster id ('' for no cluster check), channel, n entries, n x (url, event).
 # Per edge: 1 queued, 0 claimed by another node, 2 not a cluster edge (another live node has
 # subscribers: this node's occupied/vacated is local only).
@@ -314,8 +312,6 @@ class RedisOutbox(Outbox):
         self._script = redis.register_script(_CLAIM_AND_QUEUE)
         self._task: asyncio.Task[None] | None = None
         self._deliver: Deliver | None = None
-        self.duplicates = 0  # edges another node had claimed
-        self.local_only = 0  # occupied/vacated edges that were not cluster-wide edges
 
     async def _ensure_group(self) -> None:
         try:
@@ -372,31 +368,20 @@ class RedisOutbox(Outbox):
                 log.warning("webhooks: outbox read failed (%r)", e)
                 await asyncio.sleep(1.0)
 
-    async def add(self, edges: list[Edge]) -> int:
-        if not edges:
-            return 0
-        results: list[int] = []
-        nodes_key = f"{self.prefix}:nodes"
-        oldest = 0.0
+    async def add(self, edges: list[Edge], oldest: float = 0.0) -> int:
+        queued = 0
         for i in range(0, len(edges), 200):  # one script call per 200 edges
-            keys = [self.stream, nodes_key]
-            args: list[Any] = [self.claim_ttl_ms, 0]
+            keys = [self.stream, f"{self.prefix}:nodes"]
+            args: list[Any] = [self.claim_ttl_ms, oldest]
             for e in edges[i:i + 200]:
                 n1, n2 = e.neighbours or ("", "")
-                if e.cluster is not None:
-                    nodes_key, subs_key, node_id, channel, oldest = e.cluster
-                else:
-                    subs_key, node_id, channel = "", "", ""
-                keys += [e.claim or "", n1, n2, subs_key]
+                node_id, channel = e.cluster or ("", "")
+                keys += [e.claim or "", n1, n2, f"{self.prefix}:subs:{e.app_id}" if e.cluster else ""]
                 args += [e.app_id, node_id, channel, len(e.entries)]
                 for url, ev in e.entries:
                     args += [url, ev]
-            keys[1] = nodes_key
-            args[1] = oldest
-            results += [int(r) for r in await self._script(keys=keys, args=args)]
-        self.local_only += sum(1 for r in results if r == 2)
-        self.duplicates += sum(1 for r in results if r == 0)
-        return sum(1 for r in results if r == 1)
+            queued += sum(1 for r in await self._script(keys=keys, args=args) if int(r) == 1)
+        return queued
 
     async def done(self, items: list[Item]) -> None:
         ids = [it.id for it in items]
@@ -448,9 +433,6 @@ class RedisOutbox(Outbox):
             await pipe.execute()
             n += 1
         return n
-
-    async def pending_count(self) -> int:
-        return int(await self.redis.xlen(self.stream))
 
     async def close(self) -> None:
         if self._task is not None:
