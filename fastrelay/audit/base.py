@@ -378,9 +378,11 @@ class AuditLog(ABC):
                         scan = max(0.0, self._next_scan - loop.time())
                         timeout = scan if timeout is None else min(timeout, scan)
                     await self._wait(timeout, 1)
-                elif (len(q) < self.batch_rows and self._pending is None and not self._closing
-                      and not self._flush_waiters and self.flush_interval > 0):
-                    # Let a batch build up: fewer, larger transactions.
+                if (q and len(q) < self.batch_rows and self._pending is None
+                        and not self._closing and not self._flush_waiters
+                        and self.flush_interval > 0):
+                    # Let a batch build up, also after the first row of a quiet spell: one
+                    # transaction per flush_interval, not one per sparse event.
                     await self._wait(self.flush_interval, self.batch_rows)
                 if self._pending is not None or q:
                     batch, self._pending = self._pending or await self._take(), None
