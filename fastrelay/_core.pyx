@@ -1208,7 +1208,16 @@ cpdef str api_string_to_sign(str method, str path, dict params):
         if k != "auth_signature":
             items.append((k.lower(), v))
     items.sort()
-    return method + "\n" + path + "\n" + "&".join([f"{k}={v}" for k, v in items])
+    cdef list parts = [method, "\n", path, "\n"]
+    cdef bint first = True
+    for k, v in items:
+        if not first:
+            parts.append("&")
+        first = False
+        parts.append(k)
+        parts.append("=")
+        parts.append(v)
+    return "".join(parts)
 
 
 # ---------------------------------------------------------------- query strings
@@ -1248,14 +1257,44 @@ cpdef str unquote(str s):
     return out[:j].decode("utf-8", "replace")
 
 
+cdef str _unquote_ascii(const char* p, Py_ssize_t n):
+    """unquote() of an ASCII slice, without making a str of the raw slice first."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if p[i] == 37 or p[i] == 43:  # '%' or '+'
+            return unquote(PyUnicode_DecodeLatin1(p, n, NULL))
+    return PyUnicode_DecodeLatin1(p, n, NULL)
+
+
 cpdef dict parse_query(str query):
     """'a=1&b=2' -> {'a': '1', 'b': '2'}; the last value wins, as in Pusher's signing."""
     cdef dict out = {}
+    cdef const char* p
+    cdef const char* part
+    cdef const char* amp
+    cdef const char* eq
+    cdef const char* end
+    cdef Py_ssize_t n
     if not query:
         return out
-    for part in query.split("&"):
-        if not part:
-            continue
-        k, sep, v = part.partition("=")
-        out[unquote(k)] = unquote(v)
+    if not PyUnicode_IS_ASCII(query):
+        for piece in query.split("&"):
+            if piece:
+                k, sep, v = piece.partition("=")
+                out[unquote(k)] = unquote(v)
+        return out
+    p = PyUnicode_AsUTF8AndSize(query, &n)  # an ASCII str's own buffer: no copy
+    end = p + n
+    part = p
+    while part < end:
+        amp = <const char*>memchr(part, 38, end - part)  # '&'
+        if amp == NULL:
+            amp = end
+        if amp > part:
+            eq = <const char*>memchr(part, 61, amp - part)  # '='
+            if eq == NULL:
+                out[_unquote_ascii(part, amp - part)] = ""
+            else:
+                out[_unquote_ascii(part, eq - part)] = _unquote_ascii(eq + 1, amp - eq - 1)
+        part = amp + 1
     return out
