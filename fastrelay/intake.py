@@ -142,32 +142,32 @@ class Intake:
         if idem_key is not None and self.idem_redis is not None:
             return self.spawn(conn, req, self._accept_idempotent_redis(conn, req, app, event,
                                                                        idem_key, answer))
-        if idem_key is not None:
-            earlier = self.idem_local.claim(app.id, idem_key, answer)
-            if earlier is not None:
-                conn.respond(202, earlier, b"application/json", [("Idempotent-Replayed", "true")],
-                             req.keep_alive)
-                return
+        earlier = self.idem_local.claim(app.id, idem_key, answer) if idem_key is not None else None
         try:
-            self.admit([event])
+            self._answer(conn, req, event, answer, earlier)
         except HttpError:
             if idem_key is not None:
                 self.idem_local.release(app.id, idem_key)
             raise
-        conn.respond(202, answer, b"application/json", None, req.keep_alive)
 
     async def _accept_idempotent_redis(self, conn: Conn, req: Request, app: App, event: Event,
                                        idem_key: str, answer: bytes) -> None:
         earlier = await self.idem_redis.claim(app.id, idem_key, answer)
+        try:
+            self._answer(conn, req, event, answer, earlier)
+        except HttpError:
+            await self.idem_redis.release(app.id, idem_key)
+            raise
+
+    def _answer(self, conn: Conn, req: Request, event: Event, answer: bytes,
+                earlier: bytes | None) -> None:
+        """A repeated idempotency key gets the first answer again; otherwise the event is
+        admitted (HttpError when refused: the caller releases the key) and answered 202."""
         if earlier is not None:
             conn.respond(202, earlier, b"application/json", [("Idempotent-Replayed", "true")],
                          req.keep_alive)
             return
-        try:
-            self.admit([event])
-        except HttpError:
-            await self.idem_redis.release(app.id, idem_key)
-            raise
+        self.admit([event])
         conn.respond(202, answer, b"application/json", None, req.keep_alive)
 
     def validate(self, app: App, body: dict) -> tuple[Event, str | None]:
