@@ -19,7 +19,7 @@ from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memchr, memcpy, memset
+from libc.string cimport memchr, memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 import base64
@@ -1113,15 +1113,19 @@ cdef int _hmac_sha256(bytes key, bytes message, unsigned char* out) except -1:
     """The 32-byte HMAC-SHA256(key, message) into out."""
     if key is None or message is None:
         raise TypeError("key and message must be bytes")
+    _hmac_sha256_buf(key, PyBytes_AS_STRING(message), PyBytes_GET_SIZE(message), out)
+    return 0
+
+
+cdef void _hmac_sha256_buf(bytes key, const char* msg, Py_ssize_t n, unsigned char* out) except *:
     cdef const char* st = PyBytes_AS_STRING(_hmac_state(key))
     cdef SHA256_CTX ctx
     memcpy(&ctx, st, sizeof(SHA256_CTX))
-    SHA256_Update(&ctx, PyBytes_AS_STRING(message), PyBytes_GET_SIZE(message))
+    SHA256_Update(&ctx, msg, n)
     SHA256_Final(out, &ctx)
     memcpy(&ctx, st + sizeof(SHA256_CTX), sizeof(SHA256_CTX))
     SHA256_Update(&ctx, out, 32)
     SHA256_Final(out, &ctx)
-    return 0
 
 
 cdef inline void _to_hex(const unsigned char* d, Py_ssize_t n, char* out) noexcept:
@@ -1218,6 +1222,165 @@ cpdef str api_string_to_sign(str method, str path, dict params):
         parts.append("=")
         parts.append(v)
     return "".join(parts)
+
+
+cdef enum:
+    API_FAST_PARAMS = 16      # more parameters than this take the generic path
+    API_FAST_BYTES = 2048     # so does a longer string to sign
+TIMESTAMP_WINDOW = 600        # seconds, as Pusher and Sockudo enforce
+
+
+cdef inline bint _ascii_digits(str s) noexcept:
+    cdef Py_ssize_t i, n
+    cdef const char* p
+    if not PyUnicode_IS_ASCII(s):
+        return False
+    p = PyUnicode_AsUTF8AndSize(s, &n)
+    if n == 0:
+        return False
+    for i in range(n):
+        if not 48 <= p[i] <= 57:
+            return False
+    return True
+
+
+cdef Py_ssize_t _sts_ascii(str method, str path, dict params, char* out) except -2:
+    """api_string_to_sign into out (API_FAST_BYTES) without a Python object: its length, or
+    -1 when something is not plain ASCII or too big (the caller takes the generic path)."""
+    cdef const char* ks[API_FAST_PARAMS]
+    cdef const char* vs[API_FAST_PARAMS]
+    cdef Py_ssize_t kn[API_FAST_PARAMS]
+    cdef Py_ssize_t vn[API_FAST_PARAMS]
+    cdef char lower[API_FAST_BYTES]  # the lower-cased keys, back to back
+    cdef Py_ssize_t n = 0, used = 0, pos = 0, i, j, m, c, a, b
+    cdef PyObject* k
+    cdef PyObject* v
+    cdef const char* src
+    cdef const char* tp
+    cdef Py_ssize_t tn
+    while PyDict_Next(params, &pos, &k, &v):
+        if not isinstance(<object>k, str) or not isinstance(<object>v, str) \
+                or not PyUnicode_IS_ASCII(<object>k) or not PyUnicode_IS_ASCII(<object>v):
+            return -1
+        src = PyUnicode_AsUTF8AndSize(<object>k, &m)
+        if m == 14 and memcmp(src, b"auth_signature", 14) == 0:
+            continue
+        if n == API_FAST_PARAMS or used + m > API_FAST_BYTES:
+            return -1
+        for i in range(m):  # as str.lower() does for ASCII
+            lower[used + i] = src[i] + 32 if 65 <= src[i] <= 90 else src[i]
+        ks[n] = lower + used
+        kn[n] = m
+        used += m
+        vs[n] = PyUnicode_AsUTF8AndSize(<object>v, &vn[n])
+        n += 1
+    # insertion sort by (key, value), as sorting the (k.lower(), v) pairs does
+    for i in range(1, n):
+        j = i
+        while j > 0:
+            a, b = j - 1, j
+            c = memcmp(ks[a], ks[b], kn[a] if kn[a] < kn[b] else kn[b])
+            if c == 0:
+                c = (kn[a] > kn[b]) - (kn[a] < kn[b])
+            if c == 0:
+                c = memcmp(vs[a], vs[b], vn[a] if vn[a] < vn[b] else vn[b])
+                if c == 0:
+                    c = (vn[a] > vn[b]) - (vn[a] < vn[b])
+            if c <= 0:
+                break
+            ks[a], ks[b] = ks[b], ks[a]
+            kn[a], kn[b] = kn[b], kn[a]
+            vs[a], vs[b] = vs[b], vs[a]
+            vn[a], vn[b] = vn[b], vn[a]
+            j -= 1
+    if not PyUnicode_IS_ASCII(method) or not PyUnicode_IS_ASCII(path):
+        return -1
+    used = 0
+    for i in range(-2, n):
+        if i == -2:
+            tp = PyUnicode_AsUTF8AndSize(method, &tn)
+        elif i == -1:
+            tp = PyUnicode_AsUTF8AndSize(path, &tn)
+        else:
+            tp, tn = ks[i], kn[i]
+        if used + tn + vn[i] * (i >= 0) + 2 > API_FAST_BYTES:
+            return -1
+        memcpy(out + used, tp, tn)
+        used += tn
+        if i < 0:
+            out[used] = 10  # "\n"
+            used += 1
+            continue
+        out[used] = 61  # "="
+        memcpy(out + used + 1, vs[i], vn[i])
+        used += 1 + vn[i]
+        if i < n - 1:
+            out[used] = 38  # "&"
+            used += 1
+    return used
+
+
+cpdef str api_request_problem(str app_key, bytes secret, str method, str path, dict params,
+                              bytes body, double now):
+    """Why a signed Pusher HTTP API request is refused (the 401's message), or None when it
+    is valid: auth_key, a timestamp within TIMESTAMP_WINDOW, auth_version, body_md5 and the
+    HMAC. `params`: the parsed query string."""
+    cdef char buf[API_FAST_BYTES]
+    cdef unsigned char d[32]
+    cdef Py_ssize_t n
+    if params.get("auth_key") != app_key:
+        return "auth_key is missing or does not match the app"
+    ts = params.get("auth_timestamp", "")
+    if not isinstance(ts, str) or not _ascii_digits(ts):
+        return "auth_timestamp is missing"
+    if len(ts) > 15 or abs(now - <double>int(ts)) > TIMESTAMP_WINDOW:
+        return f"auth_timestamp is more than {TIMESTAMP_WINDOW} s from the server's time"
+    if params.get("auth_version", "1.0") != "1.0":
+        return "auth_version must be 1.0"
+    if body:
+        md5 = params.get("body_md5")
+        if md5 is None:
+            return "body_md5 is required with a body"
+        if not verify_md5(body, md5):
+            return "body_md5 does not match the body"
+    signature = params.get("auth_signature")
+    if not signature:
+        return "auth_signature is missing"
+    n = _sts_ascii(method, path, params, buf)
+    if n >= 0:
+        _hmac_sha256_buf(secret, buf, n, d)
+        if _hex_matches(d, 32, signature):
+            return None
+    elif verify_hmac(secret, api_string_to_sign(method, path, params).encode(), signature):
+        return None
+    return ("Invalid signature: you should have sent HmacSHA256Hex("
+            f"{api_string_to_sign(method, path, params)!r}, your_secret_key)")
+
+
+# ---------------------------------------------------------------- channel names
+
+cdef bytes _NAME_CHARS = (b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                          b"_-=@,.;")
+cdef unsigned char _name_ok[256]
+memset(_name_ok, 0, 256)
+for _c in _NAME_CHARS:
+    _name_ok[_c] = 1
+
+
+cpdef bint name_chars_ok(str name):
+    """True when name is non-empty and only A-Z a-z 0-9 _ - = @ , . ; (Pusher's channel
+    name characters)."""
+    cdef const char* p
+    cdef Py_ssize_t i, n
+    if not PyUnicode_IS_ASCII(name):
+        return False
+    p = PyUnicode_AsUTF8AndSize(name, &n)
+    if n == 0:
+        return False
+    for i in range(n):
+        if not _name_ok[<unsigned char>p[i]]:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- query strings

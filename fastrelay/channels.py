@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import re
-
-from ._core import Channel
+from ._core import Channel, name_chars_ok
 
 # kind bits
 PRIVATE = 1  # needs a signed auth
@@ -14,7 +12,6 @@ CACHE = 8
 USER = 16  # #server-to-user-{id}: only that signed-in user
 
 MAX_NAME = 200
-_NAME = re.compile(r"^[A-Za-z0-9_\-=@,.;]+$")
 USER_PREFIX = "#server-to-user-"
 
 _PREFIXES = (
@@ -46,8 +43,8 @@ def name_error(name: object) -> str | None:
     if len(name) > MAX_NAME:
         return f"channel name is longer than {MAX_NAME} characters"
     if name.startswith(USER_PREFIX):
-        return None if _NAME.match(name[len(USER_PREFIX):]) else "invalid user channel name"
-    if not _NAME.match(name):
+        return None if name_chars_ok(name[len(USER_PREFIX):]) else "invalid user channel name"
+    if not name_chars_ok(name):
         return "channel name may only contain A-Z a-z 0-9 _ - = @ , . ;"
     return None
 

@@ -239,12 +239,14 @@ class HttpApi:
         if socket_id is not None and not valid_socket_id(socket_id):
             raise HttpError(400, "socket_id must look like 123.456")
         info = item.get("info")
-        if info is not None and not isinstance(info, str):
-            raise HttpError(400, "info must be a comma-separated string")
-        attrs = [a for a in (info or "").split(",") if a]
-        for a in attrs:
-            if a not in ("user_count", "subscription_count"):
-                raise HttpError(400, f"unknown info attribute {a[:40]!r}")
+        attrs: list[str] = []
+        if info is not None:
+            if not isinstance(info, str):
+                raise HttpError(400, "info must be a comma-separated string")
+            attrs = [a for a in info.split(",") if a]
+            for a in attrs:
+                if a not in ("user_count", "subscription_count"):
+                    raise HttpError(400, f"unknown info attribute {a[:40]!r}")
         return Event(app_id=app.id, channels=chans, name=name, data=data, socket_id=socket_id,
                      source="api"), attrs
 

@@ -266,12 +266,15 @@ class Node:
         exclude = _core.find_socket(event.socket_id) if event.socket_id else None
         sent = 0
         for name in event.channels:
+            ch = self.channels.get(event.app_id, name)
+            cache = (ch.kind if ch is not None else kinds.kind_of(name)) & kinds.CACHE
+            if ch is None and not cache:
+                continue  # nobody here to send to, nothing to keep: no frame to encode
             msg: dict[str, Any] = {"event": event.name, "channel": name, "data": event.data}
             if event.user_id is not None:
                 msg["user_id"] = event.user_id
             frame = _core.encode_frame(orjson.dumps(msg))
-            ch = self.channels.get(event.app_id, name)
-            if (ch.kind if ch is not None else kinds.kind_of(name)) & kinds.CACHE:
+            if cache:
                 self.caches[(event.app_id, name)] = (frame, time.monotonic() + self.cfg.cache_ttl,
                                                      event)
             if ch is not None:

@@ -24,7 +24,7 @@ log = logging.getLogger("fastrelay.protocol")
 SUPPORTED_PROTOCOLS = range(4, 8)
 MAX_USER_ID = 128
 MAX_WATCHLIST = 100
-_SOCKET_ID = re.compile(r"^\d+\.\d+$")
+_SOCKET_ID = re.compile(r"[0-9]+\.[0-9]+")  # fullmatch: "$" would let a final newline in
 
 
 def message(event: str, data: Any = None, channel: str | None = None) -> bytes:
@@ -44,7 +44,7 @@ PONG = message("pusher:pong")
 
 
 def valid_socket_id(value: object) -> bool:
-    return isinstance(value, str) and len(value) <= 64 and _SOCKET_ID.match(value) is not None
+    return isinstance(value, str) and len(value) <= 64 and _SOCKET_ID.fullmatch(value) is not None
 
 
 class PusherProtocol:

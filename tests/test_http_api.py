@@ -121,7 +121,7 @@ def test_socket_id_exclusion(relay):
     assert r.status == 200
     a.expect("b", ch)
     b.nothing(0.2)
-    for bad in ("abc", "1.2.3", "1", 12):
+    for bad in ("abc", "1.2.3", "1", 12, "1.2\n", "\u0661.\u0662"):  # a final newline, Arabic digits
         r = api(relay, "POST", events_path(relay),
                 {"name": "e", "channel": ch, "data": "x", "socket_id": bad})
         assert_error(r, 400, "socket_id")
@@ -166,6 +166,8 @@ def test_trigger_validation(relay):
         ({"name": "e", "channels": [], "data": "x"}, 400),
         ({"name": "e", "channels": ch, "data": "x"}, 400),        # a string, not a list
         ({"name": "e", "channels": ["bad name"], "data": "x"}, 400),
+        ({"name": "e", "channels": [ch + "\n"], "data": "x"}, 400),   # a final newline
+        ({"name": "e", "channels": ["caf\u00e9"], "data": "x"}, 400),
         ({"name": "e", "channels": [5], "data": "x"}, 400),
         ({"name": "e", "channel": ch, "data": "x", "info": 5}, 400),
     ]

@@ -25,7 +25,7 @@ from .base import COLUMNS, MAX_QUERY_LIMIT, AuditLog, Row
 
 log = logging.getLogger("fastrelay.audit")
 
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,40}")  # fullmatch: "$" would let a final newline in
 _DAY = 86_400
 
 
@@ -46,7 +46,7 @@ class PostgresAuditLog(AuditLog):
                  pool_size: int = 4, connect_timeout: float = 5.0, write_timeout: float = 10.0,
                  partitions_ahead: int = 2, **kw: Any) -> None:
         super().__init__(data_dir, **kw)
-        if not _IDENT.match(schema) or not _IDENT.match(table):
+        if not _IDENT.fullmatch(schema) or not _IDENT.fullmatch(table):
             raise ValueError("schema and table must be lowercase SQL identifiers")
         self.dsn = dsn
         self.schema = schema
