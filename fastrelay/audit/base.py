@@ -216,7 +216,7 @@ class AuditLog(ABC):
             return False
         try:
             row: tuple[Any, ...] | _Bad = (
-                event.id, event.app_id, list(event.channels), event.name, event.data,
+                event.id, event.app_id, tuple(event.channels), event.name, event.data,
                 event.socket_id, event.source, event.accepted_at, event.user_id, replay_of)
         except Exception as exc:  # not an Event: the writer puts it in audit.rejected.jsonl
             row = _Bad(event if replay_of is None else (event, replay_of), exc)
