@@ -341,7 +341,9 @@ class AuditLog(ABC):
             # rows become durable in the order they were recorded (the queue is FIFO, a
             # failed batch is retried before newer ones), so a count is a journal position
             self._jdurable += n
-            j.release(self._jdurable)
+            done = j.release(self._jdurable)
+            if done:
+                self._discard(done)
         if self._flush_waiters:
             done = self._durable
             keep = []
@@ -351,6 +353,17 @@ class AuditLog(ABC):
                 else:
                     keep.append((target, fut))
             self._flush_waiters = keep
+
+    def _discard(self, segments: list[tuple[int, Path]]) -> None:
+        """Deletes released journal segments on the I/O thread (in order with its other work):
+        freeing a 16 MB segment on the loop stalled it for 2-5 ms every few seconds."""
+        try:
+            if self._io is not None:
+                self._io.submit(Journal.discard_all, segments)
+                return
+        except RuntimeError:  # the executor is shut down: closing
+            pass
+        Journal.discard_all(segments)
 
     async def _run(self) -> None:
         assert self._loop is not None

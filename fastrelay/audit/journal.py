@@ -21,10 +21,10 @@ could not flush): the new process replays it into the database (or its own fsync
 and deletes it. Rows are idempotent by primary key, so a row replayed that was already written
 lands exactly once.
 
-Reclaiming space: a segment is rotated at `rotate_bytes`; a closed segment is deleted once every
-row recorded up to its end is durable; the live segment is truncated to zero when everything
-recorded so far is durable and it has grown past `truncate_bytes`. A clean close deletes the
-segments when everything was flushed.
+Reclaiming space: a segment is rotated at `rotate_bytes`, and also once everything recorded
+so far is durable and it has grown past `truncate_bytes`; a closed segment is deleted (on the
+audit's I/O thread, never on the event loop) once every row recorded up to its end is durable.
+A clean close deletes the segments when everything was flushed.
 """
 
 from __future__ import annotations
@@ -79,18 +79,18 @@ class Journal:
             self._rotate()
         return True
 
-    def release(self, durable: int) -> None:
-        """`durable` rows (in append order) are in the database or the spill file."""
+    def release(self, durable: int) -> list[tuple[int, Path]]:
+        """`durable` rows (in append order) are in the database or the spill file. Returns
+        the segments that can go, for the caller to delete off the event loop: freeing a
+        segment's blocks (unlink, close) stalled the loop for milliseconds."""
+        if durable >= self.appended and self.size >= self.truncate_bytes:
+            self._rotate()  # all of the live segment is durable: it can go as a whole
+        done = []
         closed = self._closed
         while closed and closed[0][0] <= durable:
             _, fd, path = closed.popleft()
-            _remove(fd, path)
-        if durable >= self.appended and self.size >= self.truncate_bytes:
-            try:
-                os.ftruncate(self.fd, 0)  # O_APPEND: the next frame goes to offset 0
-                self.size = 0
-            except OSError as e:
-                log.warning("audit journal: cannot truncate %s: %r", self.path, e)
+            done.append((fd, path))
+        return done
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -180,6 +180,11 @@ class Journal:
     @staticmethod
     def discard(fd: int, path: Path) -> None:
         _remove(fd, path)
+
+    @staticmethod
+    def discard_all(segments: list[tuple[int, Path]]) -> None:
+        for fd, path in segments:
+            _remove(fd, path)
 
 
 def _remove(fd: int, path: Path) -> None:
