@@ -29,9 +29,10 @@ cdef class Conn:
     cdef unsigned int ocap
     cdef unsigned char queued    # in the dirty list for this loop iteration
     cdef unsigned char blocked   # the transport holds unsent bytes (paused)
-    cdef unsigned char held      # an HTTP answer is being prepared asynchronously
+    cdef readonly unsigned char held  # an HTTP answer is being prepared asynchronously
     cdef unsigned char ping_sent
     cdef unsigned char req_started  # part of an HTTP request is buffered (slowloris clock runs)
+    cdef readonly unsigned short status  # the last HTTP status sent (metrics); fits the padding
     cdef unsigned int last_seen  # monotonic ms (32 bits, wrapping: compare differences)
     cdef unsigned int since      # start of the current state (handshake, closing, ping)
     cdef object frag             # bytearray of a fragmented message being assembled

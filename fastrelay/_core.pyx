@@ -585,6 +585,7 @@ cdef class Conn:
         """Sends one HTTP answer at once (answers go out before the fan-out they trigger)."""
         if self.state != S_HTTP:
             return
+        self.status = status
         if not headers and keep_alive:
             # the common answer, one formatting step
             self._send_now(b"%s%s\r\nContent-Length: %d\r\n\r\n%s" % (
@@ -630,6 +631,7 @@ cdef class Conn:
         self._send_now(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
         self.state = S_WS
+        self.status = 101
         _ws_count += 1
         self.sid = _random64() >> 24 or 1  # 40 random bits: unguessable, and short
         self.since = self.last_seen = _now_ms()

@@ -80,6 +80,8 @@ def answer_later(node: Node, conn: Conn, req: Request, coro: Any) -> None:
         except Exception:
             log.exception("HTTP handler failed", extra={"path": req.path})
             reply(conn, req, 500, {"error": "internal error"})
+        finally:
+            node.http.answered_later(conn)
 
     node.loop.create_task(run())
 
@@ -87,6 +89,7 @@ def answer_later(node: Node, conn: Conn, req: Request, coro: Any) -> None:
 class HttpApi:
     def __init__(self, node: Node) -> None:
         self.node = node
+        self.later: dict[Conn, str] = {}  # the route of each answer a task will send
         # (method, route) -> handler; the route is the path after /apps/{id}/
         self.routes = {
             ("POST", "events"): self.trigger,
@@ -101,10 +104,10 @@ class HttpApi:
         path = req.path
         ops = self.node.ops
         route = "unknown"  # a bounded label for the metrics (never the raw path)
-        status = 200  # answers sent later from a task count as 200
+        failed = False
         try:
             if path.startswith("/app/"):
-                route, status = "websocket", 101
+                route = "websocket"
                 self.upgrade(conn, req)
             elif path.startswith("/apps/"):
                 parts = path.split("/")
@@ -142,20 +145,25 @@ class HttpApi:
                     route = "intake:replay"
                 else:
                     route = "intake:events"
-                    if req.method == "POST":
-                        status = 202
                 self.node.intake.handle(conn, req)
             else:
                 raise HttpError(404, f"no route for {path[:100]}")
         except HttpError as e:
-            status = e.status
             reply(conn, req, e.status, e.payload(), e.headers)
         except BaseException:
-            status = 500
+            failed = True  # on_request answers 500
             raise
         finally:
             if ops is not None:
-                ops.count_http(route, status)
+                if conn.held:  # a task answers: counted then (answered_later)
+                    self.later[conn] = route
+                else:
+                    ops.count_http(route, 500 if failed else conn.status)
+
+    def answered_later(self, conn: Conn) -> None:
+        route = self.later.pop(conn, None)
+        if route is not None and self.node.ops is not None:
+            self.node.ops.count_http(route, conn.status)
 
     # ------------------------------------------------------------------ WebSocket
 

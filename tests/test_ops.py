@@ -18,12 +18,15 @@ import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import asyncpg
 import pytest
 from conftest import ROOT, free_port
 from prometheus_client.parser import text_string_to_metric_families
 from wsclient import connect, open_ws
+
+from fastrelay.signatures import sign_api_request
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -75,8 +78,23 @@ def test_metrics_count_connections_deliveries_latency_and_requests(fresh_relay: 
     bad.close()
     subs[0].send_json("pusher:ping")
     subs[0].expect("pusher:pong")
+    # answered later from a task (channel counts), and refused there: counted with the
+    # status actually sent
+    p = relay.pusher()
+    assert ch in p.channels_info()["channels"]
+    with pytest.raises(Exception):  # noqa: B017 (the SDK raises its own error type)
+        p.channels_info(attributes=["user_count"])  # 400: needs filter_by_prefix=presence-
+    q = sign_api_request(relay.key, relay.secret, "POST", "/api/events/nope/replay")
+    req = urllib.request.Request(f"{relay.http_url}/api/events/nope/replay?{urlencode(q)}",
+                                 method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=5)
+    assert e.value.code == 404  # from a task, after the audit lookup
 
     m = scrape(relay)
+    assert m[("fastrelay_http_requests_total", (("route", "intake:replay"), ("status", "404")))] == 1
+    assert m[("fastrelay_http_requests_total", (("route", "pusher:channels"), ("status", "200")))] == 1
+    assert m[("fastrelay_http_requests_total", (("route", "pusher:channels"), ("status", "400")))] == 1
     app = (("app", relay.app_id),)
     assert m[("fastrelay_connections", app)] == 3
     assert m[("fastrelay_subscriptions", app)] == 3
