@@ -1299,13 +1299,14 @@ cdef Py_ssize_t _sts_ascii(str method, str path, dict params, char* out) except 
         return -1
     used = 0
     for i in range(-2, n):
+        m = 0
         if i == -2:
             tp = PyUnicode_AsUTF8AndSize(method, &tn)
         elif i == -1:
             tp = PyUnicode_AsUTF8AndSize(path, &tn)
         else:
-            tp, tn = ks[i], kn[i]
-        if used + tn + vn[i] * (i >= 0) + 2 > API_FAST_BYTES:
+            tp, tn, m = ks[i], kn[i], vn[i]
+        if used + tn + m + 2 > API_FAST_BYTES:
             return -1
         memcpy(out + used, tp, tn)
         used += tn
