@@ -33,6 +33,7 @@ log = logging.getLogger("fastrelay.intake")
 
 TIMESTAMP_WINDOW = 300  # seconds, for X-Fastrelay-Timestamp
 MAX_IDEMPOTENCY_KEY = 200
+READ_SETTLE_TIMEOUT = 1.0  # seconds a read of the audit waits for this worker's queue
 
 
 class Intake:
@@ -232,6 +233,7 @@ class Intake:
             raise HttpError(400, "limit, since and until must be numbers") from None
         if limit < 1:
             raise HttpError(400, "limit must be at least 1")
+        await self._settle(audit)
         rows = await audit.query(app.id, channel=q.get("channel") or None, event=q.get("event") or None,
                                  since=since, until=until, limit=limit, before=q.get("before") or None)
         out: dict[str, Any] = {"events": rows}
@@ -242,6 +244,7 @@ class Intake:
     async def replay(self, conn: Conn, req: Request, event_id: str) -> None:
         app = self.authenticate(req)
         audit = self._audit()
+        await self._settle(audit)
         row = await audit.get(app.id, event_id)
         if row is None:
             raise HttpError(404, "no such event in the audit log")
@@ -255,6 +258,15 @@ class Intake:
         if self.node.audit is None:
             raise HttpError(404, "the audit log is off on this server")
         return self.node.audit
+
+    @staticmethod
+    async def _settle(audit: Any) -> None:
+        """Before a read: what this worker accepted so far is written (read your writes; the
+        writer batches for audit_flush_interval). Other workers' rows land within it."""
+        try:
+            await asyncio.wait_for(audit.flush(), READ_SETTLE_TIMEOUT)
+        except (TimeoutError, RuntimeError):
+            pass  # the database is slow or away (rows wait in the spill file): read what is there
 
 
 class Observers:
