@@ -38,7 +38,6 @@ cdef extern from "netinet/tcp.h":
     int TCP_NODELAY
 
 cdef extern from "string.h" nogil:
-    char* strerror(int errnum)
     void* memmem(const void* h, size_t hl, const void* n, size_t nl)
 
 cdef extern from "sys/random.h" nogil:
@@ -182,27 +181,6 @@ def find_socket(str socket_id):
     if c.sid == 0 or c.sid != rnd or (c.state != S_WS and c.state != S_CLOSING):
         return None
     return c
-
-
-cdef extern from "unistd.h" nogil:
-    ssize_t write(int fd, const void* buf, size_t n)
-
-
-def write_holding_gil(int fd, bytes data):
-    """write(2) without releasing the GIL; returns the bytes written, raises OSError.
-
-    os.write releases the GIL around the syscall, and whenever another thread of the worker
-    is busy (spill file, audit queries, retention) taking it back can cost up to the 5 ms
-    switch interval on the event loop; a page-cache append takes a few us, so holding the GIL
-    through it is cheaper. The audit journal appends every accepted event this way.
-    """
-    cdef ssize_t n
-    while True:
-        n = write(fd, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
-        if n >= 0:
-            return n
-        if errno != EINTR:
-            raise OSError(errno, strerror(errno).decode())
 
 
 # ---------------------------------------------------------------- event ids

@@ -156,7 +156,10 @@ def test_journal_replays_rows_of_a_killed_process(tmp_path: Path) -> None:
     assert len(ids) == 500
     assert sqlite_ids(tmp_path / "audit.sqlite3") == []  # the queue died with the process
     [wal] = (tmp_path / "journal").glob("*.wal")
-    with open(wal, "ab") as f:
+    frames = wal.read_bytes().rstrip(b"\x00")  # a segment is made at full size: zeros follow
+    assert len(frames) < wal.stat().st_size
+    with open(wal, "r+b") as f:
+        f.seek(len(frames))
         f.write(b"\x00\x00\x01\x00torn")  # a frame cut short by a crash: ignored, not fatal
     copy = wal.read_bytes()
     # a journal whose writer is alive (its lock is held) is not touched
@@ -195,6 +198,38 @@ async def _restart(d: Path) -> int:
     return log.stats.journal_replayed_rows
 
 
+def test_journal_refuses_when_no_segment_can_be_made(tmp_path: Path, monkeypatch: Any) -> None:
+    """A full disk shows when a segment's blocks are reserved (never as SIGBUS on a store into
+    the mapping): the append is refused, and what was appended before is still replayable."""
+    import errno
+
+    from fastrelay.audit.journal import Journal
+    from fastrelay.audit.spill import frame
+
+    j = Journal(tmp_path / "journal", rotate_bytes=4096)
+    j.open()
+    rows = [frame(b'[["id%d"]]' % i) for i in range(400)]
+    for r in rows[:100]:
+        assert j.append(r)
+
+    def full(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("os.posix_fallocate", full)
+    results = [j.append(r) for r in rows[100:]]
+    assert results.count(False) > 0 and all(results[:results.index(False)])
+    appended = j.appended
+    monkeypatch.undo()
+    replayed = []
+    for path in sorted((tmp_path / "journal").glob("*.wal"), key=lambda p: p.stat().st_mtime_ns):
+        fd = os.open(path, os.O_RDONLY)
+        replayed += Journal.read_rows(fd, path)
+        os.close(fd)
+    assert len(replayed) == appended  # every accepted row, none of the refused ones
+    j.close(remove=True)
+    assert not list((tmp_path / "journal").iterdir())
+
+
 async def test_journal_rotates_and_releases(tmp_path: Path) -> None:
     from fastrelay.audit.sqlite import SqliteAuditLog
     from fastrelay.events import Event
@@ -209,7 +244,7 @@ async def test_journal_rotates_and_releases(tmp_path: Path) -> None:
         await log._in_io(lambda: None)  # deletions run on the audit's I/O thread, in order
         segs = list((tmp_path / "journal").glob("*.wal"))
         # closed segments are deleted once durable; the live one is rotated when caught up
-        assert len(segs) == 1 and segs[0].stat().st_size < 1024, segs
+        assert len(segs) == 1 and log._journal.size < 1024, segs
     await log.close()
     assert not list((tmp_path / "journal").iterdir())
 

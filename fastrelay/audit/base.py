@@ -21,7 +21,7 @@ from typing import Any
 
 from fastrelay.events import Event
 
-from .journal import Journal
+from .journal import Journal, Segment
 from .spill import SpillFile, dumps, frame
 
 log = logging.getLogger("fastrelay.audit")
@@ -87,7 +87,7 @@ class AuditLog(ABC):
                  flush_interval: float = 0.005, retention_days: float = 7,
                  retry_interval: float = 0.25, max_retry_interval: float = 5.0,
                  maintenance_interval: float = 3600.0, journal_dir: Path | None = None,
-                 journal: bool = True, journal_rotate_bytes: int = 16 << 20) -> None:
+                 journal: bool = True, journal_rotate_bytes: int = 4 << 20) -> None:
         if queue_size < 1 or batch_rows < 1:
             raise ValueError("queue_size and batch_rows must be >= 1")
         self.data_dir = Path(data_dir)
@@ -354,9 +354,9 @@ class AuditLog(ABC):
                     keep.append((target, fut))
             self._flush_waiters = keep
 
-    def _discard(self, segments: list[tuple[int, Path]]) -> None:
+    def _discard(self, segments: list[Segment]) -> None:
         """Deletes released journal segments on the I/O thread (in order with its other work):
-        freeing a 16 MB segment on the loop stalled it for 2-5 ms every few seconds."""
+        unmapping and freeing a segment on the loop stalled it for milliseconds."""
         try:
             if self._io is not None:
                 self._io.submit(Journal.discard_all, segments)

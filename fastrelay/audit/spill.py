@@ -52,7 +52,7 @@ def read_frame(fd: int, off: int, size: int) -> tuple[int, bytes] | None:
         return None
     length, crc = _HEADER.unpack(os.pread(fd, _HEADER.size, off))
     end = off + _HEADER.size + length
-    if length > _MAX_FRAME or end > size:
+    if length == 0 or length > _MAX_FRAME or end > size:  # 0: a journal's unused zeros
         return None
     payload = os.pread(fd, length, off + _HEADER.size)
     if len(payload) != length or zlib.crc32(payload) != crc:
