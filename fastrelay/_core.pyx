@@ -1204,24 +1204,47 @@ cpdef str api_string_to_sign(str method, str path, dict params):
     return "".join(parts)
 
 
-cdef enum:
-    API_FAST_PARAMS = 16      # more parameters than this take the generic path
-    API_FAST_BYTES = 2048     # so does a longer string to sign
-TIMESTAMP_WINDOW = 600        # seconds, as Pusher and Sockudo enforce
+# ---------------------------------------------------------------- character classes
+
+cdef unsigned char _name_ok[256]  # Pusher's channel name characters
+cdef unsigned char _digit[256]
+memset(_name_ok, 0, 256)
+memset(_digit, 0, 256)
+for _c in range(48, 58):  # 0-9
+    _digit[_c] = _name_ok[_c] = 1
+for _c in range(65, 91):  # A-Z, a-z
+    _name_ok[_c] = _name_ok[_c + 32] = 1
+for _c in (95, 45, 61, 64, 44, 46, 59):  # _ - = @ , . ;
+    _name_ok[_c] = 1
 
 
-cdef inline bint _ascii_digits(str s) noexcept:
-    cdef Py_ssize_t i, n
+cdef bint _ascii_all_in(str s, const unsigned char* table) except -1:
+    """s is non-empty ASCII and each of its characters is marked in table."""
     cdef const char* p
+    cdef Py_ssize_t i, n
     if not PyUnicode_IS_ASCII(s):
         return False
     p = PyUnicode_AsUTF8AndSize(s, &n)
     if n == 0:
         return False
     for i in range(n):
-        if not 48 <= p[i] <= 57:
+        if not table[<unsigned char>p[i]]:
             return False
     return True
+
+
+cpdef bint name_chars_ok(str name):
+    """True when name is non-empty and only A-Z a-z 0-9 _ - = @ , . ; (Pusher's channel
+    name characters)."""
+    return _ascii_all_in(name, _name_ok)
+
+
+cdef enum:
+    API_FAST_PARAMS = 16      # more parameters than this take the generic path
+    API_FAST_BYTES = 2048     # so does a longer string to sign
+TIMESTAMP_WINDOW = 600        # seconds, as Pusher and Sockudo enforce
+
+
 
 
 cdef Py_ssize_t _sts_ascii(str method, str path, dict params, char* out) except -2:
@@ -1312,7 +1335,7 @@ cpdef str api_request_problem(str app_key, bytes secret, str method, str path, d
     if params.get("auth_key") != app_key:
         return "auth_key is missing or does not match the app"
     ts = params.get("auth_timestamp", "")
-    if not isinstance(ts, str) or not _ascii_digits(ts):
+    if not isinstance(ts, str) or not _ascii_all_in(ts, _digit):
         return "auth_timestamp is missing"
     if len(ts) > 15 or abs(now - <double>int(ts)) > TIMESTAMP_WINDOW:
         return f"auth_timestamp is more than {TIMESTAMP_WINDOW} s from the server's time"
@@ -1336,32 +1359,6 @@ cpdef str api_request_problem(str app_key, bytes secret, str method, str path, d
         return None
     return ("Invalid signature: you should have sent HmacSHA256Hex("
             f"{api_string_to_sign(method, path, params)!r}, your_secret_key)")
-
-
-# ---------------------------------------------------------------- channel names
-
-cdef bytes _NAME_CHARS = (b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-                          b"_-=@,.;")
-cdef unsigned char _name_ok[256]
-memset(_name_ok, 0, 256)
-for _c in _NAME_CHARS:
-    _name_ok[_c] = 1
-
-
-cpdef bint name_chars_ok(str name):
-    """True when name is non-empty and only A-Z a-z 0-9 _ - = @ , . ; (Pusher's channel
-    name characters)."""
-    cdef const char* p
-    cdef Py_ssize_t i, n
-    if not PyUnicode_IS_ASCII(name):
-        return False
-    p = PyUnicode_AsUTF8AndSize(name, &n)
-    if n == 0:
-        return False
-    for i in range(n):
-        if not _name_ok[<unsigned char>p[i]]:
-            return False
-    return True
 
 
 # ---------------------------------------------------------------- query strings
