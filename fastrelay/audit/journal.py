@@ -199,7 +199,7 @@ class Journal:
     def discard_all(segments: list[Segment]) -> None:
         for fd, path, m in segments:
             if m is not None:
-                m.close()  # unmapping written pages: ~1 ms for 16 MB
+                m.close()  # unmapping written pages: ~0.8 ms for 16 MB
             _remove(fd, path)
 
 
