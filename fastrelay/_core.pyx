@@ -1204,14 +1204,12 @@ cpdef str api_string_to_sign(str method, str path, dict params):
     return "".join(parts)
 
 
-# ---------------------------------------------------------------- character classes
+# ---------------------------------------------------------------- channel names
 
 cdef unsigned char _name_ok[256]  # Pusher's channel name characters
-cdef unsigned char _digit[256]
 memset(_name_ok, 0, 256)
-memset(_digit, 0, 256)
 for _c in range(48, 58):  # 0-9
-    _digit[_c] = _name_ok[_c] = 1
+    _name_ok[_c] = 1
 for _c in range(65, 91):  # A-Z, a-z
     _name_ok[_c] = _name_ok[_c + 32] = 1
 for _c in (95, 45, 61, 64, 44, 46, 59):  # _ - = @ , . ;
@@ -1245,11 +1243,10 @@ cdef enum:
 TIMESTAMP_WINDOW = 600        # seconds, as Pusher and Sockudo enforce
 
 
-
-
 cdef Py_ssize_t _sts_ascii(str method, str path, dict params, char* out) except -2:
     """api_string_to_sign into out (API_FAST_BYTES) without a Python object: its length, or
-    -1 when something is not plain ASCII or too big (the caller takes the generic path)."""
+    -1 when something is not plain ASCII or too big (the caller takes api_string_to_sign).
+    Worth ~0.9 us of a ~15 us trigger; tests/test_signatures.py checks the two agree."""
     cdef const char* ks[API_FAST_PARAMS]
     cdef const char* vs[API_FAST_PARAMS]
     cdef Py_ssize_t kn[API_FAST_PARAMS]
@@ -1335,7 +1332,7 @@ cpdef str api_request_problem(str app_key, bytes secret, str method, str path, d
     if params.get("auth_key") != app_key:
         return "auth_key is missing or does not match the app"
     ts = params.get("auth_timestamp", "")
-    if not isinstance(ts, str) or not _ascii_all_in(ts, _digit):
+    if not isinstance(ts, str) or not (ts.isascii() and ts.isdigit()):  # '²'.isdigit()
         return "auth_timestamp is missing"
     if len(ts) > 15 or abs(now - <double>int(ts)) > TIMESTAMP_WINDOW:
         return f"auth_timestamp is more than {TIMESTAMP_WINDOW} s from the server's time"

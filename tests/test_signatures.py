@@ -147,9 +147,9 @@ _PARAM = st.text(alphabet="abcAB_-.x0é", min_size=1, max_size=6)
 @settings(max_examples=500, deadline=None)
 @given(st.dictionaries(_PARAM, _PARAM, max_size=20), st.sampled_from(["GET", "POST"]))
 def test_api_signature_any_parameters(extra, method):
-    """The core builds the string to sign in C for plain ASCII parameters (sorted by lower-cased
-    key, then value; keys differing only in case both signed) and in Python otherwise: either
-    way a request signed the documented way passes, and a changed value fails."""
+    """Keys signed lower-cased and sorted (then by value; keys differing only in case are
+    both signed), with escapes and non-ASCII: a request signed the documented way passes,
+    and a changed value fails."""
     path = "/apps/3/channels"
     q = {k: v for k, v in extra.items() if not k.lower().startswith("auth_")}
     q = sign_api_request(KEY, SECRET, method, path, params=q, timestamp=API_TS)
