@@ -303,8 +303,9 @@ cdef int _raw_send(Conn c, const char* data, Py_ssize_t n) except -1:
             rc = 0
     # the kernel buffer is full (or this is TLS): the transport queues and drains it
     c.transport.write(PyBytes_FromStringAndSize(data + rc, n - rc))
-    if c.blocked and c.transport.get_write_buffer_size() > MAX_OUTBOUND:
-        c.blocked = False
+    # once: close() leaves S_WS before it flushes its close frame, which goes through the
+    # transport behind the backlog (sent straight to the socket it would cut a frame)
+    if c.blocked and c.state == S_WS and c.transport.get_write_buffer_size() > MAX_OUTBOUND:
         _slow_consumer(c)
     return 0
 
@@ -807,9 +808,9 @@ cdef class Conn:
     def close(self, int code=1000, str reason=""):
         """Starts the closing handshake; the socket goes when the peer answers or times out."""
         if self.state == S_WS:
+            self.state = S_CLOSING
             self._queue(encode_close(code, reason))
             self._flush()
-            self.state = S_CLOSING
             self.since = _now_ms()
             self.frag = None
             try:
