@@ -291,3 +291,32 @@ async def test_observers_get_metadata_on_redis(fresh_relay: Any) -> None:
     assert "data" not in meta and "payload" not in msg["data"].decode()
     ps.close()
     r.close()
+
+
+def test_audited_client_events_keep_object_data(fresh_relay: Any) -> None:
+    """pusher-js sends client event data as a JSON object, not a string: the audit stores it
+    as JSON text, as it does the HTTP API's data, instead of rejecting the row."""
+    from test_protocol import auth
+    from wsclient import connect
+
+    relay = fresh_relay({"FASTRELAY_APP_AUDIT_CLIENT_EVENTS": "true"})
+    channel = f"private-typing-{uid()}"
+    a, b = connect(relay), connect(relay)
+    a.subscribe(channel, auth(relay, a, channel))
+    b.subscribe(channel, auth(relay, b, channel))
+    a.send_json("client-typing", {"who": "a", "n": [1, 2]}, channel)
+    assert b.expect("client-typing", channel)["data"] == {"who": "a", "n": [1, 2]}
+    a.send_json("client-typing", "plain text", channel)
+    assert b.expect("client-typing", channel)["data"] == "plain text"
+    a.close()
+    b.close()
+    rows: list = []
+    for _ in range(100):
+        status, page, _ = signed_get(relay, "/api/events", channel=channel)
+        rows = page.get("events", [])
+        if len(rows) == 2:
+            break
+        time.sleep(0.05)
+    assert [(r["source"], r["name"]) for r in rows] == [("client", "client-typing")] * 2, rows
+    assert rows[1]["data"] == '{"who":"a","n":[1,2]}' and rows[0]["data"] == "plain text"
+    assert not (Path(relay.env["FASTRELAY_DATA_DIR"]) / "audit.rejected.jsonl").exists()

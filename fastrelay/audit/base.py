@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from fastrelay.events import Event
 
 from .journal import Journal, Segment
@@ -215,8 +217,11 @@ class AuditLog(ABC):
             self.stats.refused += 1
             return False
         try:
+            data = event.data
+            if not isinstance(data, str):  # a client event's object: the column holds text
+                data = orjson.dumps(data).decode()
             row: tuple[Any, ...] | _Bad = (
-                event.id, event.app_id, tuple(event.channels), event.name, event.data,
+                event.id, event.app_id, tuple(event.channels), event.name, data,
                 event.socket_id, event.source, event.accepted_at, event.user_id, replay_of)
         except Exception as exc:  # not an Event: the writer puts it in audit.rejected.jsonl
             row = _Bad(event if replay_of is None else (event, replay_of), exc)
