@@ -1,4 +1,5 @@
-"""Builds the compiled hot path, fastrelay/_core.pyx; everything else is in pyproject.toml."""
+"""Builds the compiled parts (fastrelay/_core.pyx, fastrelay/audit/_sqlite.pyx); everything else
+is in pyproject.toml."""
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -10,7 +11,14 @@ extensions = [
         # are deprecated in OpenSSL 3 yet exported and much cheaper than EVP/HMAC().
         extra_compile_args=["-O2", "-Wno-deprecated-declarations"],
         libraries=["crypto"],
-    )
+    ),
+    # the SQLite audit writer's insert loop on the C API (the writer child's CPU per row)
+    Extension(
+        "fastrelay.audit._sqlite",
+        ["fastrelay/audit/_sqlite.pyx"],
+        extra_compile_args=["-O2"],
+        libraries=["sqlite3"],
+    ),
 ]
 
 setup(

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from pgproxy import PgProxy
 
 from fastrelay.audit import AuditLog, open_audit
+from fastrelay.audit._sqlite import Poison, Transient, Writer
 from fastrelay.audit.spill import SpillFile
+from fastrelay.audit.sqlite import _SCHEMA
 from fastrelay.events import Event
 
 PG_URL = os.environ.get("FASTRELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -416,3 +420,45 @@ async def test_sqlite_writer_process_killed_loses_nothing(make_log: MakeLog) -> 
     assert await log.wait_written_back(10)
     assert await count_all(log) == [e.id for e in events]
     assert log.stats.write_errors >= 1  # the kill was seen, not dodged
+
+
+def test_sqlite_writer_commits_whole_batches_and_sorts_errors(tmp_path: Path) -> None:
+    """The writer child's C insert loop: a batch commits whole or not at all; invalid rows
+    raise Poison (the caller isolates them), a database problem raises Transient (it spills)."""
+    path = tmp_path / "audit.db"
+    missing = Writer(str(path))  # no schema yet: not the rows' fault
+    with pytest.raises(Transient):
+        missing.write(orjson.dumps([["i0", "app", ["c"], "n", "d", None, "api", 1.5, None, None]]))
+    missing.close()
+    with sqlite3.connect(path) as db:
+        db.executescript(_SCHEMA)
+    w = Writer(str(path))
+
+    def row(i: int, **change: Any) -> list[Any]:
+        r = {"id": f"id{i}", "app_id": "app", "channels": ["a", "b"], "name": "n",
+             "data": "é", "socket_id": None, "source": "api", "accepted_at": 1.5 + i,
+             "user_id": None, "replay_of": None}
+        r.update(change)
+        return list(r.values())
+
+    w.write(orjson.dumps([row(1), row(2, socket_id="1.2", user_id="u")]))
+    w.write(orjson.dumps([row(1)]))  # the same id again: skipped, not an error
+    for bad in ([row(3), row(4, name=None)],          # NOT NULL
+                [row(3), row(4, data={"x": 1})],      # not text
+                [row(3), row(4, accepted_at="now")],  # not a number
+                [row(3), row(4)[:9]],                 # a column short
+                [row(3), row(4, channels="a")]):      # channels is a list
+        with pytest.raises(Poison):
+            w.write(orjson.dumps(bad))
+    with pytest.raises(ValueError):
+        w.write(b"[not json")
+    w.close()
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT id, channels, data, socket_id, accepted_at, user_id "
+                          "FROM audit_events ORDER BY id").fetchall()
+        chans = db.execute("SELECT * FROM audit_event_channels ORDER BY 2, 3").fetchall()
+    # id3 of each refused batch was rolled back with it
+    assert rows == [("id1", '["a","b"]', "é", None, 2.5, None),
+                    ("id2", '["a","b"]', "é", "1.2", 3.5, "u")]
+    assert chans == [("app", "a", "id1"), ("app", "a", "id2"), ("app", "b", "id1"),
+                     ("app", "b", "id2")]

@@ -15,7 +15,6 @@ import uuid
 
 import pusher
 import pytest
-from fastrelay._core import hmac_sha256_hex
 from wsclient import (
     api,
     build_frame,
@@ -28,6 +27,7 @@ from wsclient import (
     up,
 )
 
+from fastrelay._core import hmac_sha256_hex
 from fastrelay.signatures import api_string_to_sign, sign_api_request, sign_channel
 
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastrelay._core import hmac_sha256_hex
-
 from fastrelay.signatures import sign_api_request, sign_channel
 
 DEFAULT_TIMEOUT = 3.0

@@ -4,7 +4,8 @@ Why a process and not a thread: a writer thread in the worker takes the GIL back
 with the event loop on every SQLite call; the futex hand-offs and the loop's waits for the
 GIL cost more CPU than the whole request path and put milliseconds on delivery latency. A
 child process shares nothing with the loop: the worker sends a batch down a pipe and reads
-one answer back.
+one answer back. The inserts run on the SQLite C API (_sqlite.pyx): through the stdlib module
+the Python glue per row cost more than SQLite's own work.
 
 Protocol on stdin/stdout, each message a little-endian u32 length and its bytes:
   request: orjson array of rows (the layout in base.py)
@@ -15,6 +16,7 @@ The writer exits at end of input (the worker closed the pipe or died).
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sqlite3
@@ -22,17 +24,13 @@ import struct
 import sys
 from pathlib import Path
 
-import orjson
-
-from .base import COLUMNS
+from ._sqlite import Poison, Writer
 
 FRAME = struct.Struct("<I")  # each message's length
 # rows the database refuses as invalid (retrying never helps); OperationalError (locked, I/O,
 # disk full) is transient. ValueError/TypeError: encoding (UnicodeError, orjson).
 POISON = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
           sqlite3.ProgrammingError, ValueError, TypeError)
-INSERT = f"INSERT OR IGNORE INTO audit_events VALUES ({', '.join('?' * len(COLUMNS))})"
-INSERT_CH = "INSERT OR IGNORE INTO audit_event_channels VALUES (?, ?, ?)"
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -56,25 +54,6 @@ def _read_exactly(fd: int, n: int) -> bytes | None:
     return buf
 
 
-def write_rows(conn: sqlite3.Connection, rows: list[list]) -> None:
-    """One transaction; rows already present (same id) are skipped."""
-    dumps = orjson.dumps
-    events, channels = [], []
-    for r in rows:
-        events.append((r[0], r[1], dumps(r[2]).decode(), r[3], r[4], r[5], r[6], r[7], r[8],
-                       r[9]))
-        for ch in r[2]:
-            channels.append((r[1], ch, r[0]))
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.executemany(INSERT, events)
-        conn.executemany(INSERT_CH, channels)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
 def yield_cpu() -> None:
     """SCHED_IDLE: run only on a core nothing else wants. At normal priority this process's
     commit bursts (a few ms per batch) took a core from the worker or its clients and put
@@ -94,7 +73,8 @@ def main(path: str) -> None:
     out = os.dup(1)
     os.dup2(2, 1)
     yield_cpu()
-    conn = connect(Path(path))
+    gc.disable()  # the loop makes no cycles; young collections were a few % of its CPU
+    writer = Writer(path)
     while True:
         head = _read_exactly(0, FRAME.size)
         if head is None:
@@ -103,14 +83,14 @@ def main(path: str) -> None:
         if body is None:
             break
         try:
-            write_rows(conn, orjson.loads(body))
+            writer.write(body)
             answer = b"K"
-        except POISON as exc:
+        except (Poison, ValueError, TypeError) as exc:
             answer = b"P" + repr(exc).encode()
         except Exception as exc:  # locked, I/O error, disk full: worth retrying
             answer = b"T" + repr(exc).encode()
         os.write(out, FRAME.pack(len(answer)) + answer)
-    conn.close()
+    writer.close()
 
 
 if __name__ == "__main__":
