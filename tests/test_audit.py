@@ -452,6 +452,7 @@ def test_sqlite_writer_commits_whole_batches_and_sorts_errors(tmp_path: Path) ->
             w.write(orjson.dumps(bad))
     with pytest.raises(ValueError):
         w.write(b"[not json")
+    w.write(orjson.dumps([row(5)]))  # each refusal rolled back: the writer goes on
     w.close()
     with sqlite3.connect(path) as db:
         rows = db.execute("SELECT id, channels, data, socket_id, accepted_at, user_id "
@@ -459,6 +460,6 @@ def test_sqlite_writer_commits_whole_batches_and_sorts_errors(tmp_path: Path) ->
         chans = db.execute("SELECT * FROM audit_event_channels ORDER BY 2, 3").fetchall()
     # id3 of each refused batch was rolled back with it
     assert rows == [("id1", '["a","b"]', "é", None, 2.5, None),
-                    ("id2", '["a","b"]', "é", "1.2", 3.5, "u")]
-    assert chans == [("app", "a", "id1"), ("app", "a", "id2"), ("app", "b", "id1"),
-                     ("app", "b", "id2")]
+                    ("id2", '["a","b"]', "é", "1.2", 3.5, "u"),
+                    ("id5", '["a","b"]', "é", None, 6.5, None)]
+    assert chans == [("app", ch, f"id{i}") for ch in "ab" for i in (1, 2, 5)]

@@ -134,10 +134,12 @@ cdef class Writer:
         self._exec(b"BEGIN IMMEDIATE")
         try:
             self._insert(<list>rows)
+            self._exec(b"COMMIT")
         except BaseException:
+            # also after a failed COMMIT (busy: the transaction stays open), or every later
+            # BEGIN would fail and the writer could never write again
             sqlite3_exec(self.db, b"ROLLBACK", NULL, NULL, NULL)
             raise
-        self._exec(b"COMMIT")
 
     cdef int _insert(self, list rows) except -1:
         cdef sqlite3_stmt* ev = self.ins_event
