@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import multiprocessing as mp
 import os
 import sys
@@ -230,7 +231,11 @@ class Publisher:
             try:
                 await c.connect(5)
             except (TimeoutError, OSError) as e:
-                raise BenchError(f"cannot connect to publish URL {host}:{port}: {e}") from e
+                hint = ""
+                if isinstance(e, OSError) and e.errno == errno.EADDRNOTAVAIL:
+                    # seen right after `connections -n 100000`: its sockets sit in TIME_WAIT
+                    hint = " (no local port free: wait a minute for TIME_WAIT sockets to clear)"
+                raise BenchError(f"cannot connect to publish URL {host}:{port}: {e}{hint}") from e
             self.conns.append(c)
 
     def start(self, rate: float | None) -> None:
