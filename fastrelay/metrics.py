@@ -38,6 +38,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from . import __version__, _core
 from .bus import LocalBus
+from .http_api import answer_later
 
 if TYPE_CHECKING:
     from ._core import Conn, Request
@@ -218,18 +219,16 @@ class Ops:
     def serve_ready(self, conn: Conn, req: Request) -> None:
         """200 {"ready": true} or 503 {"ready": false, "reason": ...}; answered from a task
         because it may ask Redis and PostgreSQL (bounded by ready_timeout)."""
-        conn.hold()
-
         async def run() -> None:
             try:
                 problems = await self.readiness()
-            except Exception as e:  # never leave the request hanging
+            except Exception as e:  # an answer, not a 500: the check itself failed
                 problems = {"check": repr(e)[:200]}
             status, body = _ready_answer(problems)
             conn.respond(status, body, b"application/json",
                          [("Retry-After", "1")] if problems else None, req.keep_alive)
 
-        self.node.loop.create_task(run())
+        answer_later(self.node, conn, req, run())
 
     async def readiness(self) -> dict[str, str]:
         node, cfg = self.node, self.node.cfg

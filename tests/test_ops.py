@@ -91,7 +91,12 @@ def test_metrics_count_connections_deliveries_latency_and_requests(fresh_relay: 
         urllib.request.urlopen(req, timeout=5)
     assert e.value.code == 404  # from a task, after the audit lookup
 
+    for _ in range(2):  # /ready answers from a task too
+        with urllib.request.urlopen(f"{relay.http_url}/ready", timeout=5) as r:
+            assert r.status == 200
+
     m = scrape(relay)
+    assert m[("fastrelay_http_requests_total", (("route", "ready"), ("status", "200")))] == 2
     assert m[("fastrelay_http_requests_total", (("route", "intake:replay"), ("status", "404")))] == 1
     assert m[("fastrelay_http_requests_total", (("route", "pusher:channels"), ("status", "200")))] == 1
     assert m[("fastrelay_http_requests_total", (("route", "pusher:channels"), ("status", "400")))] == 1
