@@ -27,7 +27,6 @@ cdef extern from "sqlite3.h" nogil:
     int sqlite3_open_v2(const char* path, sqlite3** db, int flags, const char* vfs)
     int sqlite3_close_v2(sqlite3* db)
     int sqlite3_exec(sqlite3* db, const char* sql, void* cb, void* arg, char** err)
-    int sqlite3_busy_timeout(sqlite3* db, int ms)
     int sqlite3_prepare_v2(sqlite3* db, const char* sql, int n, sqlite3_stmt** st, const char** tail)
     int sqlite3_finalize(sqlite3_stmt* st)
     int sqlite3_reset(sqlite3_stmt* st)
@@ -77,15 +76,14 @@ cdef class Writer:
     cdef sqlite3_stmt* ins_event
     cdef sqlite3_stmt* ins_channel
 
-    def __cinit__(self, str path):
+    def __cinit__(self, str path, tuple pragmas=()):
+        """pragmas: sqlite_writer.PRAGMAS, the settings of every audit connection."""
         cdef bytes p = path.encode()
         if sqlite3_open_v2(p, &self.db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE
                            | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK:
             self._raise()
-        sqlite3_busy_timeout(self.db, 10000)
-        # as sqlite_writer.connect: WAL, and NORMAL (a commit survives a crash of the process)
-        self._exec(b"PRAGMA journal_mode=WAL")
-        self._exec(b"PRAGMA synchronous=NORMAL")
+        for pragma in pragmas:
+            self._exec(pragma.encode())
 
     def __dealloc__(self):
         self.close()
@@ -168,9 +166,10 @@ cdef class Writer:
                 raise Poison("accepted_at is a number")
             sqlite3_bind_double(ev, 8, PyFloat_AsDouble(t))
             self._step(ev)
+            # reset keeps bindings: the row's app and id stay bound for each of its channels
+            _bind_str(ch, 1, (<list>r)[1])
+            _bind_str(ch, 3, (<list>r)[0])
             for name in <list>chans:
-                _bind_str(ch, 1, (<list>r)[1])
                 _bind_str(ch, 2, name)
-                _bind_str(ch, 3, (<list>r)[0])
                 self._step(ch)
         return 0

@@ -33,14 +33,17 @@ POISON = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
           sqlite3.ProgrammingError, ValueError, TypeError)
 
 
+# every connection to the audit database, the writer child's (C API) and the worker's
+# (schema, queries, retention). NORMAL (with WAL): a commit survives a crash of the process,
+# as the journal does (it is not fsync'd either); a power loss can take the last batches.
+# FULL fsync'd every batch and cost as much CPU as the rest of the request path.
+PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=10000")
+
+
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-    conn.execute("PRAGMA journal_mode=WAL")
-    # NORMAL (with WAL): a commit survives a crash of the process, as the journal does (it
-    # is not fsync'd either); a power loss can take the last batches. FULL fsync'd every
-    # batch and cost as much CPU as the rest of the request path.
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=10000")
+    for pragma in PRAGMAS:
+        conn.execute(pragma)
     return conn
 
 
@@ -74,7 +77,7 @@ def main(path: str) -> None:
     os.dup2(2, 1)
     yield_cpu()
     gc.disable()  # the loop makes no cycles; young collections were a few % of its CPU
-    writer = Writer(path)
+    writer = Writer(path, PRAGMAS)
     while True:
         head = _read_exactly(0, FRAME.size)
         if head is None:
