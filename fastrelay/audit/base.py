@@ -19,8 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from fastrelay.events import Event
 
 from .journal import Journal, Segment
@@ -219,7 +217,7 @@ class AuditLog(ABC):
         try:
             data = event.data
             if not isinstance(data, str):  # a client event's object: the column holds text
-                data = orjson.dumps(data).decode()
+                data = dumps(data).decode()
             row: tuple[Any, ...] | _Bad = (
                 event.id, event.app_id, tuple(event.channels), event.name, data,
                 event.socket_id, event.source, event.accepted_at, event.user_id, replay_of)
