@@ -66,3 +66,15 @@ cdef class Channel:
     cdef public int kind
 
     cpdef int fanout(self, bytes frame, Conn exclude=*) except -1
+
+
+cdef class Event:
+    cdef public object app_id
+    cdef public object channels   # list of channel names
+    cdef public object name
+    cdef public object data
+    cdef public object socket_id
+    cdef public object source
+    cdef public object id
+    cdef public double accepted_at
+    cdef public object user_id

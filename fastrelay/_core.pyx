@@ -25,6 +25,10 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 import base64
 import hashlib
 
+import orjson
+
+from fastrelay.errors import HttpError
+
 cdef extern from "sys/socket.h" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
     int MSG_NOSIGNAL
@@ -198,16 +202,14 @@ def reseed_event_ids():
 reseed_event_ids()
 
 
-cpdef str new_event_id():
+cdef str _event_id(timespec* ts):
     """A time-ordered unique id: 12 hex digits of ms time, 5 of sequence, 10 random per process.
 
     Fixed-width hex, so sorting ids as strings sorts them by acceptance time (the audit pages
     by id). Called on the event loop's thread only.
     """
     global _id_last_ms, _id_seq
-    cdef timespec ts
     cdef char buf[32]
-    clock_gettime(CLOCK_REALTIME, &ts)
     cdef long long ms = ts.tv_sec * 1000 + ts.tv_nsec // 1000000
     if ms <= _id_last_ms:
         ms = _id_last_ms
@@ -220,6 +222,47 @@ cpdef str new_event_id():
     _id_last_ms = ms
     cdef int n = snprintf(buf, 32, "%012llx%05llx%s", ms, _id_seq, _id_node)
     return PyUnicode_DecodeLatin1(buf, n, NULL)
+
+
+cpdef str new_event_id():
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return _event_id(&ts)
+
+
+cdef class Event:
+    """One accepted event, fanned out to each of its channels: what intake produces, the
+    audit stores and the bus carries.
+
+    `data` is the value carried in the Pusher frame's "data" field: a string for server events
+    (the HTTP API sends JSON as a string), any JSON value for client events (relayed as sent).
+    `source`: api | intake | client | replay. `user_id`: the sender of a client event on a
+    presence channel. A new event's id and accepted_at come from one clock reading.
+    A compiled class: one is made per accepted event, on the trigger's hot path.
+    """
+
+    def __init__(self, app_id, channels, name, data, socket_id=None, source="api", id=None,
+                 accepted_at=None, user_id=None):
+        cdef timespec ts
+        self.app_id = app_id
+        self.channels = channels
+        self.name = name
+        self.data = data
+        self.socket_id = socket_id
+        self.source = source
+        self.user_id = user_id
+        if id is None or accepted_at is None:
+            clock_gettime(CLOCK_REALTIME, &ts)
+            self.id = _event_id(&ts) if id is None else id
+            self.accepted_at = (ts.tv_sec + ts.tv_nsec * 1e-9 if accepted_at is None
+                                else accepted_at)
+        else:
+            self.id = id
+            self.accepted_at = accepted_at
+
+    def __repr__(self):
+        return (f"Event(id={self.id!r}, app_id={self.app_id!r}, channels={self.channels!r}, "
+                f"name={self.name!r}, source={self.source!r})")
 
 
 def connection_count():
@@ -1236,6 +1279,150 @@ cpdef bint name_chars_ok(str name):
     """True when name is non-empty and only A-Z a-z 0-9 _ - = @ , . ; (Pusher's channel
     name characters)."""
     return _ascii_all_in(name, _name_ok)
+
+
+# ---------------------------------------------------------------- channel kinds
+
+# kind bits (fastrelay/channels.py re-exports these; they are classified here because the
+# trigger's checks run in the core)
+PRIVATE = 1  # needs a signed auth
+PRESENCE = 2
+ENCRYPTED = 4
+CACHE = 8
+USER = 16  # #server-to-user-{id}: only that signed-in user
+MAX_CHANNEL_NAME = 200
+USER_PREFIX = "#server-to-user-"
+cdef tuple _KIND_PREFIXES = (
+    ("private-encrypted-cache-", PRIVATE | ENCRYPTED | CACHE),
+    ("private-encrypted-", PRIVATE | ENCRYPTED),
+    ("private-cache-", PRIVATE | CACHE),
+    ("private-", PRIVATE),
+    ("presence-cache-", PRIVATE | PRESENCE | CACHE),
+    ("presence-", PRIVATE | PRESENCE),
+    ("cache-", CACHE),
+)
+
+
+cpdef int channel_kind(str name) except -1:
+    """The kind bits of a channel name (0 for a public channel)."""
+    cdef Py_UCS4 first
+    if not name:
+        return 0
+    first = name[0]
+    if first != u"p" and first != u"c" and first != u"#":
+        return 0  # most channels are public: skip the prefix walk
+    for prefix, kind in _KIND_PREFIXES:
+        if name.startswith(prefix):
+            return kind
+    if name.startswith(USER_PREFIX):
+        return USER
+    return 0
+
+
+cpdef str channel_name_error(object name):
+    """Why a channel name is invalid, or None."""
+    if not isinstance(name, str) or not name:
+        return "channel name is missing"
+    if len(<str>name) > MAX_CHANNEL_NAME:
+        return f"channel name is longer than {MAX_CHANNEL_NAME} characters"
+    if (<str>name).startswith(USER_PREFIX):
+        return (None if _ascii_all_in((<str>name)[len(USER_PREFIX):], _name_ok)
+                else "invalid user channel name")
+    if not _ascii_all_in(<str>name, _name_ok):
+        return "channel name may only contain A-Z a-z 0-9 _ - = @ , . ;"
+    return None
+
+
+cpdef bint valid_socket_id(object value):
+    """value looks like a socket id, "123.456" (digits, a dot, digits; at most 64 characters)."""
+    cdef const char* p
+    cdef Py_ssize_t n, i = 0, j
+    if not isinstance(value, str) or not PyUnicode_IS_ASCII(value):
+        return False
+    p = PyUnicode_AsUTF8AndSize(value, &n)
+    if n > 64:
+        return False
+    while i < n and 48 <= p[i] <= 57:
+        i += 1
+    if i == 0 or i == n or p[i] != 46:  # "."
+        return False
+    j = i + 1
+    while j < n and 48 <= p[j] <= 57:
+        j += 1
+    return j == n and j > i + 1
+
+
+# ---------------------------------------------------------------- the HTTP API's events
+
+MAX_EVENT_NAME = 200
+cdef tuple _TRIGGER_INFO = ("user_count", "subscription_count")
+
+
+cpdef str event_data(Py_ssize_t max_payload, object raw):
+    """An event's `data` as the string it is carried as (JSON text for any other value), or
+    HttpError 413 when it is larger than max_payload bytes. Measured without copying."""
+    cdef Py_ssize_t size
+    if isinstance(raw, str):
+        if PyUnicode_IS_ASCII(raw):
+            size = len(<str>raw)
+        else:
+            size = len((<str>raw).encode())
+        data = <str>raw
+    else:
+        encoded = orjson.dumps(raw)
+        size, data = len(encoded), encoded.decode()
+    if size > max_payload:
+        raise HttpError(413, f"data is larger than {max_payload} bytes")
+    return data
+
+
+def api_event(app, dict item, bint batch):
+    """A Pusher HTTP API event checked field by field (a trigger's body, or one item of a
+    batch, which names one `channel`): (Event, its `info` attributes), or HttpError 400/413
+    saying what is wrong."""
+    cdef Py_ssize_t n
+    cdef bint encrypted = False
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        raise HttpError(400, "name is required")
+    if len(<str>name) > MAX_EVENT_NAME:
+        raise HttpError(400, f"name is longer than {MAX_EVENT_NAME} characters")
+    if batch:
+        chans = [item.get("channel")]
+    else:
+        chans = item.get("channels")
+        if chans is None:
+            chans = [item.get("channel")]
+    if not isinstance(chans, list) or not chans:
+        raise HttpError(400, "channels must be a non-empty list")
+    n = len(<list>chans)
+    if n > app.max_channels_per_event:
+        raise HttpError(400, f"at most {app.max_channels_per_event} channels per event")
+    for ch in <list>chans:
+        problem = channel_name_error(ch)
+        if problem is not None:
+            raise HttpError(400, f"{problem}: {str(ch)[:100]!r}")
+        if channel_kind(ch) & ENCRYPTED:
+            encrypted = True
+    if encrypted and n > 1:
+        raise HttpError(400, "cannot trigger to several channels when one is encrypted")
+    data = item.get("data")
+    if data is None:
+        raise HttpError(400, "data is required")
+    data = event_data(app.max_event_payload, data)
+    socket_id = item.get("socket_id")
+    if socket_id is not None and not valid_socket_id(socket_id):
+        raise HttpError(400, "socket_id must look like 123.456")
+    info = item.get("info")
+    attrs = []
+    if info is not None:
+        if not isinstance(info, str):
+            raise HttpError(400, "info must be a comma-separated string")
+        attrs = [a for a in (<str>info).split(",") if a]
+        for a in attrs:
+            if a not in _TRIGGER_INFO:
+                raise HttpError(400, f"unknown info attribute {a[:40]!r}")
+    return Event(app.id, chans, name, data, socket_id, "api"), attrs
 
 
 cdef enum:

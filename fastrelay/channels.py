@@ -2,51 +2,22 @@
 
 from __future__ import annotations
 
-from ._core import Channel, name_chars_ok
-
-# kind bits
-PRIVATE = 1  # needs a signed auth
-PRESENCE = 2
-ENCRYPTED = 4
-CACHE = 8
-USER = 16  # #server-to-user-{id}: only that signed-in user
-
-MAX_NAME = 200
-USER_PREFIX = "#server-to-user-"
-
-_PREFIXES = (
-    ("private-encrypted-cache-", PRIVATE | ENCRYPTED | CACHE),
-    ("private-encrypted-", PRIVATE | ENCRYPTED),
-    ("private-cache-", PRIVATE | CACHE),
-    ("private-", PRIVATE),
-    ("presence-cache-", PRIVATE | PRESENCE | CACHE),
-    ("presence-", PRIVATE | PRESENCE),
-    ("cache-", CACHE),
+# The kind bits and the name checks live in the core, where the trigger's checks run.
+from ._core import (
+    CACHE,
+    ENCRYPTED,
+    MAX_CHANNEL_NAME,
+    PRESENCE,
+    PRIVATE,
+    USER,
+    USER_PREFIX,
+    Channel,
 )
+from ._core import channel_kind as kind_of
+from ._core import channel_name_error as name_error
 
-
-def kind_of(name: str) -> int:
-    if name[:1] not in ("p", "c", "#"):
-        return 0  # most channels are public: skip the prefix walk
-    for prefix, kind in _PREFIXES:
-        if name.startswith(prefix):
-            return kind
-    if name.startswith(USER_PREFIX):
-        return USER
-    return 0
-
-
-def name_error(name: object) -> str | None:
-    """Why a channel name is invalid, or None."""
-    if not isinstance(name, str) or not name:
-        return "channel name is missing"
-    if len(name) > MAX_NAME:
-        return f"channel name is longer than {MAX_NAME} characters"
-    if name.startswith(USER_PREFIX):
-        return None if name_chars_ok(name[len(USER_PREFIX):]) else "invalid user channel name"
-    if not name_chars_ok(name):
-        return "channel name may only contain A-Z a-z 0-9 _ - = @ , . ;"
-    return None
+__all__ = ["CACHE", "ENCRYPTED", "MAX_CHANNEL_NAME", "PRESENCE", "PRIVATE", "USER", "USER_PREFIX",
+           "ChannelTable", "kind_of", "name_error"]
 
 
 class ChannelTable:

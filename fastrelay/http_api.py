@@ -8,33 +8,16 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import channels as kinds
-from ._core import Conn, Request, parse_query, unquote
+from ._core import Conn, Request, api_event, parse_query, unquote
 from .apps import App
+from .errors import HttpError
 from .events import Event
-from .protocol import valid_socket_id
 from .signatures import check_api_request
 
 if TYPE_CHECKING:
     from .node import Node
 
 log = logging.getLogger("fastrelay.http")
-
-MAX_EVENT_NAME = 200
-
-
-class HttpError(Exception):
-    """An answer other than success: JSON {"error": message, **body} with the status."""
-
-    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None,
-                 body: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
-        self.body = body
-
-    def payload(self) -> dict[str, Any]:
-        return {"error": self.message, **(self.body or {})}
 
 
 def reply(conn: Conn, req: Request, status: int, body: Any,
@@ -51,20 +34,6 @@ def json_body(req: Request) -> dict:
     if not isinstance(body, dict):
         raise HttpError(400, "the body must be a JSON object")
     return body
-
-
-def event_data(app: App, raw: Any) -> str:
-    """An event's `data` as the string it is carried as (JSON text for any other value), or
-    413 when it is larger than the app allows. Measured without copying where possible."""
-    if isinstance(raw, str):
-        size = len(raw) if raw.isascii() else len(raw.encode())
-        data = raw
-    else:
-        encoded = orjson.dumps(raw)
-        size, data = len(encoded), encoded.decode()
-    if size > app.max_event_payload:
-        raise HttpError(413, f"data is larger than {app.max_event_payload} bytes")
-    return data
 
 
 def answer_later(node: Node, conn: Conn, req: Request, coro: Any) -> None:
@@ -217,47 +186,6 @@ class HttpApi:
             return "terminate_connections", unquote(rest[1])
         return None, None
 
-    def _event(self, app: App, item: dict, batch: bool) -> tuple[Event, list[str]]:
-        name = item.get("name")
-        if not isinstance(name, str) or not name:
-            raise HttpError(400, "name is required")
-        if len(name) > MAX_EVENT_NAME:
-            raise HttpError(400, f"name is longer than {MAX_EVENT_NAME} characters")
-        if batch:
-            chans = [item.get("channel")]
-        else:
-            chans = item.get("channels")
-            if chans is None:
-                chans = [item.get("channel")]
-        if not isinstance(chans, list) or not chans:
-            raise HttpError(400, "channels must be a non-empty list")
-        if len(chans) > app.max_channels_per_event:
-            raise HttpError(400, f"at most {app.max_channels_per_event} channels per event")
-        for ch in chans:
-            problem = kinds.name_error(ch)
-            if problem is not None:
-                raise HttpError(400, f"{problem}: {str(ch)[:100]!r}")
-        if len(chans) > 1 and any(kinds.kind_of(c) & kinds.ENCRYPTED for c in chans):
-            raise HttpError(400, "cannot trigger to several channels when one is encrypted")
-        data = item.get("data")
-        if data is None:
-            raise HttpError(400, "data is required")
-        data = event_data(app, data)
-        socket_id = item.get("socket_id")
-        if socket_id is not None and not valid_socket_id(socket_id):
-            raise HttpError(400, "socket_id must look like 123.456")
-        info = item.get("info")
-        attrs: list[str] = []
-        if info is not None:
-            if not isinstance(info, str):
-                raise HttpError(400, "info must be a comma-separated string")
-            attrs = [a for a in info.split(",") if a]
-            for a in attrs:
-                if a not in ("user_count", "subscription_count"):
-                    raise HttpError(400, f"unknown info attribute {a[:40]!r}")
-        return Event(app_id=app.id, channels=chans, name=name, data=data, socket_id=socket_id,
-                     source="api"), attrs
-
     async def _info(self, app: App, channels: list[str], attrs: list[str],
                     counts: dict[str, int] | None = None) -> dict[str, dict[str, int]]:
         """user_count / subscription_count per channel, cluster-wide; `counts`: the app's
@@ -280,7 +208,7 @@ class HttpApi:
         self.node.intake.admit(events)
 
     def trigger(self, conn: Conn, req: Request, app: App, params: dict, arg: Any) -> None:
-        event, attrs = self._event(app, json_body(req), batch=False)
+        event, attrs = api_event(app, json_body(req), False)
         # answer first: the publisher should not wait for the fan-out
         self._accept(app, [event])
         if attrs:
@@ -302,7 +230,7 @@ class HttpApi:
         for item in items:
             if not isinstance(item, dict):
                 raise HttpError(400, "each batch item must be an object")
-            parsed.append(self._event(app, item, batch=True))
+            parsed.append(api_event(app, item, True))
         self._accept(app, [ev for ev, _ in parsed])
         if any(attrs for _, attrs in parsed):
             answer_later(self.node, conn, req, self._batch_info(conn, req, app, parsed))

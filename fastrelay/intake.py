@@ -16,13 +16,22 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import channels as kinds
-from ._core import Conn, Request, parse_query, unquote, verify_hmac
+from ._core import (
+    MAX_EVENT_NAME,
+    Conn,
+    Request,
+    event_data,
+    parse_query,
+    unquote,
+    valid_socket_id,
+    verify_hmac,
+)
 from .apps import App
 from .audit.base import MAX_QUERY_LIMIT
+from .errors import HttpError
 from .events import Event
-from .http_api import MAX_EVENT_NAME, HttpError, answer_later, event_data, json_body, reply
+from .http_api import answer_later, json_body, reply
 from .idempotency import IdempotencyStore, RedisIdempotencyStore
-from .protocol import valid_socket_id
 from .ratelimit import RateLimiter
 from .signatures import ascii_int, check_api_request
 
@@ -203,7 +212,7 @@ class Intake:
             errors["data"] = "is required (any JSON value)"
             data = None
         else:
-            data = event_data(app, body["data"])
+            data = event_data(app.max_event_payload, body["data"])
         socket_id = body.get("socket_id")
         if socket_id is not None and not valid_socket_id(socket_id):
             errors["socket_id"] = "must look like 123.456"

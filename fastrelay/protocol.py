@@ -4,7 +4,6 @@ client events, sign-in and watchlists. Framing is the compiled core's; this is t
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,6 @@ log = logging.getLogger("fastrelay.protocol")
 SUPPORTED_PROTOCOLS = range(4, 8)
 MAX_USER_ID = 128
 MAX_WATCHLIST = 100
-_SOCKET_ID = re.compile(r"[0-9]+\.[0-9]+")  # fullmatch: "$" would let a final newline in
 
 
 def message(event: str, data: Any = None, channel: str | None = None) -> bytes:
@@ -41,10 +39,6 @@ def error(code: int | None, text: str) -> bytes:
 
 
 PONG = message("pusher:pong")
-
-
-def valid_socket_id(value: object) -> bool:
-    return isinstance(value, str) and len(value) <= 64 and _SOCKET_ID.fullmatch(value) is not None
 
 
 class PusherProtocol:

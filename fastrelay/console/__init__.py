@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._core import Conn, Request, constant_time_equal, hmac_sha256_hex, parse_query
-from ..http_api import HttpError, json_body, reply
+from ..errors import HttpError
+from ..http_api import json_body, reply
 from ..metrics import CONSOLE_CHANNEL
 from ..signatures import sign_channel
 
