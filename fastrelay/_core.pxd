@@ -56,6 +56,8 @@ cdef class Conn:
     cdef Py_ssize_t _parse_ws(self, const unsigned char* buf, Py_ssize_t n) except -1
     cdef int _control(self, int opcode, bytes payload) except -1
     cdef int _fail(self, int code, str reason) except -1
+    cpdef respond(self, int status, bytes body, bytes content_type=*, object headers=*,
+                  bint keep_alive=*)
 
 
 cdef class Channel:

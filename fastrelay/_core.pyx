@@ -41,9 +41,6 @@ cdef extern from "netinet/in.h":
 cdef extern from "netinet/tcp.h":
     int TCP_NODELAY
 
-cdef extern from "string.h" nogil:
-    void* memmem(const void* h, size_t hl, const void* n, size_t nl)
-
 cdef extern from "sys/random.h" nogil:
     ssize_t getrandom(void* buf, size_t n, unsigned int flags)
 
@@ -602,8 +599,8 @@ cdef class Conn:
         self.respond(status, b'{"error":"' + message.encode() + b'"}', keep_alive=False)
         return 0
 
-    def respond(self, int status, bytes body, bytes content_type=b"application/json",
-                headers=None, bint keep_alive=True):
+    cpdef respond(self, int status, bytes body, bytes content_type=b"application/json",
+                  object headers=None, bint keep_alive=True):
         """Sends one HTTP answer at once (answers go out before the fan-out they trigger)."""
         if self.state != S_HTTP:
             return
@@ -880,11 +877,27 @@ cdef class Conn:
         return self.state == S_WS
 
 
+cdef inline const char* _find(const char* p, Py_ssize_t n, const char* needle,
+                              Py_ssize_t m) noexcept:
+    """The first needle (starting with "\r") in the n bytes at p, or NULL. glibc's memmem
+    sets up a two-way search on every call: ~3,500 instructions of each request's head."""
+    cdef const char* end = p + n
+    cdef const char* q = p
+    while end - q >= m:
+        q = <const char*>memchr(q, 13, end - q - m + 1)
+        if q == NULL:
+            return NULL
+        if memcmp(q, needle, m) == 0:
+            return q
+        q += 1
+    return NULL
+
+
 cdef Request _head(const char* p, Py_ssize_t n, Py_ssize_t* hlen, Py_ssize_t* clen,
                    int* status, const char** why):
     """The checked head of the request at p (n bytes buffered): the Request, with the head's
     and body's lengths; or None, with *status 0 (incomplete) or the HTTP status to refuse it."""
-    cdef const char* hend = <const char*>memmem(p, n, b"\r\n\r\n", 4)
+    cdef const char* hend = _find(p, n, b"\r\n\r\n", 4)
     cdef Request req
     status[0] = 0
     if hend == NULL:
@@ -931,7 +944,7 @@ cdef Request _parse_head(const char* p, Py_ssize_t hlen):
     cdef char lname[256 + 1]
     cdef Py_ssize_t nlen, k
     cdef unsigned char ch
-    line_end = <const char*>memmem(p, end - p, b"\r\n", 2)
+    line_end = _find(p, end - p, b"\r\n", 2)
     if line_end == NULL:
         return None
     sp1 = <const char*>memchr(p, 32, line_end - p)
@@ -953,7 +966,7 @@ cdef Request _parse_head(const char* p, Py_ssize_t hlen):
     minor = sp2[8]
     p = line_end + 2
     while p < end:
-        line_end = <const char*>memmem(p, end - p + 2, b"\r\n", 2)
+        line_end = _find(p, end - p + 2, b"\r\n", 2)
         if line_end == NULL:
             return None
         colon = <const char*>memchr(p, 58, line_end - p)
@@ -1162,11 +1175,9 @@ cdef inline void _to_hex(const unsigned char* d, Py_ssize_t n, char* out) noexce
 cdef int _hex_matches(const unsigned char* d, Py_ssize_t n, object given) except -1:
     """True when given (str or bytes, hex in any case) spells digest d. Same answers as the
     former `given.lower().encode("ascii") == hexdigest` (non-ASCII or other types: False),
-    without allocating, and without an early exit once the length is right."""
+    without allocating."""
     cdef const char* g
-    cdef Py_ssize_t i, glen
-    cdef char want[128]
-    cdef unsigned char c, diff = 0
+    cdef Py_ssize_t glen
     if isinstance(given, str):
         if not PyUnicode_IS_ASCII(given):
             return False
@@ -1176,7 +1187,17 @@ cdef int _hex_matches(const unsigned char* d, Py_ssize_t n, object given) except
         glen = PyBytes_GET_SIZE(given)
     else:
         return False
-    if glen != 2 * n:
+    return _hex_matches_buf(d, n, g, glen)
+
+
+cdef bint _hex_matches_buf(const unsigned char* d, Py_ssize_t n, const char* g,
+                           Py_ssize_t glen) noexcept:
+    """The glen bytes at g spell digest d in hex, any case; no early exit once the length
+    is right."""
+    cdef Py_ssize_t i
+    cdef char want[128]
+    cdef unsigned char c, diff = 0
+    if glen != 2 * n or n > 64:
         return False
     _to_hex(d, n, want)
     for i in range(glen):
@@ -1376,6 +1397,47 @@ cpdef str event_data(Py_ssize_t max_payload, object raw):
     return data
 
 
+cpdef dict json_body(bytes body):
+    """A request's JSON object body, or a 400 that says what is wrong with it."""
+    try:
+        item = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise HttpError(400, "the body is not valid JSON") from None
+    if not isinstance(item, dict):
+        raise HttpError(400, "the body must be a JSON object")
+    return <dict>item
+
+
+cpdef int api_checks(app, Request req, bint draining) except -1:
+    """What every HTTP API request passes before its route runs: the signature (401), the app
+    enabled (403), and no new events while the node drains (503)."""
+    problem = check_api_request(app.key, app.secret_bytes, req.method, req.path, req.query,
+                                req.body)
+    if problem is not None:
+        raise HttpError(401, problem)
+    if not app.enabled:
+        raise HttpError(403, "app is disabled")
+    if draining and req.method == "POST":
+        raise HttpError(503, "draining")
+    return 0
+
+
+def trigger(node, Conn conn, Request req, app):
+    """POST /apps/{id}/events after api_checks, the HTTP API's hot path: the event's fields,
+    admission (rate limit 429, then audit and bus, or 503) and the answer, which leaves
+    before the fan-out. Returns None once answered, or (event, info attributes) when the
+    publisher asked for channel counts, which the caller answers from a task."""
+    event, attrs = api_event(app, json_body(req.body), False)
+    intake = node.intake
+    if app.rate_limit > 0:
+        intake.gate(app, 1)
+    intake.admit([event])
+    if attrs:
+        return event, attrs
+    conn.respond(200, b"{}", b"application/json", None, req.keep_alive)
+    return None
+
+
 def api_event(app, dict item, bint batch):
     """A Pusher HTTP API event checked field by field (a trigger's body, or one item of a
     batch, which names one `channel`): (Event, its `info` attributes), or HttpError 400/413
@@ -1431,59 +1493,83 @@ cdef enum:
 TIMESTAMP_WINDOW = 600        # seconds, as Pusher and Sockudo enforce
 
 
-cdef Py_ssize_t _sts_ascii(str method, str path, dict params, char* out) except -2:
-    """api_string_to_sign into out (API_FAST_BYTES) without a Python object: its length, or
-    -1 when something is not plain ASCII or too big (the caller takes api_string_to_sign).
-    Worth ~0.9 us of a ~15 us trigger; tests/test_signatures.py checks the two agree."""
-    cdef const char* ks[API_FAST_PARAMS]
-    cdef const char* vs[API_FAST_PARAMS]
-    cdef Py_ssize_t kn[API_FAST_PARAMS]
-    cdef Py_ssize_t vn[API_FAST_PARAMS]
-    cdef char lower[API_FAST_BYTES]  # the lower-cased keys, back to back
-    cdef Py_ssize_t n = 0, used = 0, pos = 0, i, j, m, c, a, b
+cdef struct Pairs:
+    # a request's signed parameters, as pointers into their strings (no Python objects)
+    Py_ssize_t n
+    const char* ks[API_FAST_PARAMS]
+    const char* vs[API_FAST_PARAMS]
+    Py_ssize_t kn[API_FAST_PARAMS]
+    Py_ssize_t vn[API_FAST_PARAMS]
+    Py_ssize_t used
+    char lower[API_FAST_BYTES]  # the lower-cased keys, back to back
+
+
+cdef bint _pairs_add(Pairs* q, const char* k, Py_ssize_t kn, const char* v,
+                     Py_ssize_t vn) noexcept:
+    """Adds k=v (k lower-cased, as str.lower() does for ASCII), unless it is auth_signature;
+    False when there is no room (the caller takes the general path)."""
+    cdef Py_ssize_t i
+    if kn == 14 and memcmp(k, b"auth_signature", 14) == 0:
+        return True
+    if q.n == API_FAST_PARAMS or q.used + kn > API_FAST_BYTES:
+        return False
+    for i in range(kn):
+        q.lower[q.used + i] = k[i] + 32 if 65 <= k[i] <= 90 else k[i]
+    q.ks[q.n] = q.lower + q.used
+    q.kn[q.n] = kn
+    q.vs[q.n] = v
+    q.vn[q.n] = vn
+    q.used += kn
+    q.n += 1
+    return True
+
+
+cdef bint _pairs_from_dict(dict params, Pairs* q) except -1:
+    """The parsed parameters into q; False when one is not plain ASCII or there are too many."""
+    cdef Py_ssize_t pos = 0, m, vn
     cdef PyObject* k
     cdef PyObject* v
-    cdef const char* src
-    cdef const char* tp
-    cdef Py_ssize_t tn
+    cdef const char* kp
+    cdef const char* vp
+    q.n = q.used = 0
     while PyDict_Next(params, &pos, &k, &v):
         if not isinstance(<object>k, str) or not isinstance(<object>v, str) \
                 or not PyUnicode_IS_ASCII(<object>k) or not PyUnicode_IS_ASCII(<object>v):
-            return -1
-        src = PyUnicode_AsUTF8AndSize(<object>k, &m)
-        if m == 14 and memcmp(src, b"auth_signature", 14) == 0:
-            continue
-        if n == API_FAST_PARAMS or used + m > API_FAST_BYTES:
-            return -1
-        for i in range(m):  # as str.lower() does for ASCII
-            lower[used + i] = src[i] + 32 if 65 <= src[i] <= 90 else src[i]
-        ks[n] = lower + used
-        kn[n] = m
-        used += m
-        vs[n] = PyUnicode_AsUTF8AndSize(<object>v, &vn[n])
-        n += 1
+            return False
+        kp = PyUnicode_AsUTF8AndSize(<object>k, &m)
+        vp = PyUnicode_AsUTF8AndSize(<object>v, &vn)
+        if not _pairs_add(q, kp, m, vp, vn):
+            return False
+    return True
+
+
+cdef Py_ssize_t _sts_join(str method, str path, Pairs* q, char* out) except -2:
+    """api_string_to_sign of q into out (API_FAST_BYTES) without a Python object: its length,
+    or -1 when something is not plain ASCII or too big (the caller takes api_string_to_sign).
+    tests/test_signatures.py checks the two agree."""
+    cdef Py_ssize_t n = q.n, used = 0, i, j, m, c, a, b, tn
+    cdef const char* tp
     # insertion sort by (key, value), as sorting the (k.lower(), v) pairs does
     for i in range(1, n):
         j = i
         while j > 0:
             a, b = j - 1, j
-            c = memcmp(ks[a], ks[b], kn[a] if kn[a] < kn[b] else kn[b])
+            c = memcmp(q.ks[a], q.ks[b], q.kn[a] if q.kn[a] < q.kn[b] else q.kn[b])
             if c == 0:
-                c = (kn[a] > kn[b]) - (kn[a] < kn[b])
+                c = (q.kn[a] > q.kn[b]) - (q.kn[a] < q.kn[b])
             if c == 0:
-                c = memcmp(vs[a], vs[b], vn[a] if vn[a] < vn[b] else vn[b])
+                c = memcmp(q.vs[a], q.vs[b], q.vn[a] if q.vn[a] < q.vn[b] else q.vn[b])
                 if c == 0:
-                    c = (vn[a] > vn[b]) - (vn[a] < vn[b])
+                    c = (q.vn[a] > q.vn[b]) - (q.vn[a] < q.vn[b])
             if c <= 0:
                 break
-            ks[a], ks[b] = ks[b], ks[a]
-            kn[a], kn[b] = kn[b], kn[a]
-            vs[a], vs[b] = vs[b], vs[a]
-            vn[a], vn[b] = vn[b], vn[a]
+            q.ks[a], q.ks[b] = q.ks[b], q.ks[a]
+            q.kn[a], q.kn[b] = q.kn[b], q.kn[a]
+            q.vs[a], q.vs[b] = q.vs[b], q.vs[a]
+            q.vn[a], q.vn[b] = q.vn[b], q.vn[a]
             j -= 1
     if not PyUnicode_IS_ASCII(method) or not PyUnicode_IS_ASCII(path):
         return -1
-    used = 0
     for i in range(-2, n):
         m = 0
         if i == -2:
@@ -1491,7 +1577,7 @@ cdef Py_ssize_t _sts_ascii(str method, str path, dict params, char* out) except 
         elif i == -1:
             tp = PyUnicode_AsUTF8AndSize(path, &tn)
         else:
-            tp, tn, m = ks[i], kn[i], vn[i]
+            tp, tn, m = q.ks[i], q.kn[i], q.vn[i]
         if used + tn + m + 2 > API_FAST_BYTES:
             return -1
         memcpy(out + used, tp, tn)
@@ -1501,22 +1587,127 @@ cdef Py_ssize_t _sts_ascii(str method, str path, dict params, char* out) except 
             used += 1
             continue
         out[used] = 61  # "="
-        memcpy(out + used + 1, vs[i], vn[i])
-        used += 1 + vn[i]
+        memcpy(out + used + 1, q.vs[i], q.vn[i])
+        used += 1 + q.vn[i]
         if i < n - 1:
             out[used] = 38  # "&"
             used += 1
     return used
 
 
-cpdef str api_request_problem(str app_key, bytes secret, str method, str path, dict params,
-                              bytes body, double now):
-    """Why a signed Pusher HTTP API request is refused (the 401's message), or None when it
-    is valid: auth_key, a timestamp within TIMESTAMP_WINDOW, auth_version, body_md5 and the
-    HMAC. `params`: the parsed query string."""
+cdef bint _field_is(const char* k, Py_ssize_t kn, const char* name, Py_ssize_t n) noexcept:
+    return kn == n and memcmp(k, name, n) == 0
+
+
+cdef int _check_raw_query(str app_key, bytes secret, str method, str path, str query,
+                          bytes body, double now) except -2:
+    """The common request checked straight from its query string, with no Python object:
+    1 valid, 0 refused, -1 not the common shape (escapes, non-ASCII, a repeated parameter,
+    too many): the caller then takes the general path, which also words the refusal."""
+    cdef Pairs q
+    cdef const char* p
+    cdef const char* end
+    cdef const char* part
+    cdef const char* amp
+    cdef const char* eq
+    cdef const char* kp
+    cdef const char* key = NULL
+    cdef const char* ts = NULL
+    cdef const char* ver = NULL
+    cdef const char* md5 = NULL
+    cdef const char* sig = NULL
+    cdef Py_ssize_t n, kn, vn, keyn = 0, tsn = 0, vern = 0, md5n = 0, sign = 0, i, j, an
+    cdef long long t = 0
     cdef char buf[API_FAST_BYTES]
     cdef unsigned char d[32]
-    cdef Py_ssize_t n
+    cdef unsigned char m5[16]
+    cdef MD5_CTX mctx
+    if not query or not PyUnicode_IS_ASCII(query) or not PyUnicode_IS_ASCII(app_key):
+        return -1
+    p = PyUnicode_AsUTF8AndSize(query, &n)
+    if memchr(p, 37, n) != NULL or memchr(p, 43, n) != NULL:  # '%' or '+': escapes
+        return -1
+    end = p + n
+    part = p
+    q.n = q.used = 0
+    while part < end:
+        amp = <const char*>memchr(part, 38, end - part)  # '&'
+        if amp == NULL:
+            amp = end
+        if amp > part:
+            eq = <const char*>memchr(part, 61, amp - part)  # '='
+            kp = part
+            kn = (eq if eq != NULL else amp) - part
+            vn = amp - eq - 1 if eq != NULL else 0
+            if _field_is(kp, kn, b"auth_key", 8):
+                key, keyn = eq + 1, vn
+            elif _field_is(kp, kn, b"auth_timestamp", 14):
+                ts, tsn = eq + 1, vn
+            elif _field_is(kp, kn, b"auth_version", 12):
+                ver, vern = eq + 1, vn
+            elif _field_is(kp, kn, b"body_md5", 8):
+                md5, md5n = eq + 1, vn
+            elif _field_is(kp, kn, b"auth_signature", 14):
+                sig, sign = eq + 1, vn
+            if eq == NULL or not _pairs_add(&q, kp, kn, eq + 1, vn):
+                return -1
+        part = amp + 1
+    # a repeated key: the last one wins in parse_query; leave that to the general path
+    for i in range(q.n):
+        for j in range(i + 1, q.n):
+            if q.kn[i] == q.kn[j] and memcmp(q.ks[i], q.ks[j], q.kn[i]) == 0:
+                return -1
+    kp = PyUnicode_AsUTF8AndSize(app_key, &an)
+    if key == NULL or keyn != an or memcmp(key, kp, an) != 0:
+        return 0
+    if ts == NULL or tsn == 0 or tsn > 15:
+        return 0
+    for i in range(tsn):
+        if not 48 <= ts[i] <= 57:
+            return 0
+        t = t * 10 + (ts[i] - 48)
+    if now - <double>t > TIMESTAMP_WINDOW or <double>t - now > TIMESTAMP_WINDOW:
+        return 0
+    if ver != NULL and not _field_is(ver, vern, b"1.0", 3):
+        return 0
+    if body:
+        if md5 == NULL or md5n != 32:
+            return 0
+        MD5_Init(&mctx)
+        MD5_Update(&mctx, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+        MD5_Final(m5, &mctx)
+        if not _hex_matches_buf(m5, 16, md5, md5n):
+            return 0
+    if sig == NULL or sign != 64:
+        return 0
+    n = _sts_join(method, path, &q, buf)
+    if n < 0:
+        return -1
+    _hmac_sha256_buf(secret, buf, n, d)
+    return 1 if _hex_matches_buf(d, 32, sig, sign) else 0
+
+
+cpdef str check_api_request(str app_key, bytes secret, str method, str path, str query,
+                            bytes body, double now=0):
+    """Why a signed Pusher HTTP API request is refused (the 401's message), or None when it
+    is valid: auth_key, a timestamp within TIMESTAMP_WINDOW (`now`: Unix seconds; 0 for the
+    clock), auth_version, body_md5 and the HMAC. `query`: the raw query string."""
+    cdef timespec clock
+    if now == 0:
+        clock_gettime(CLOCK_REALTIME, &clock)
+        now = clock.tv_sec + clock.tv_nsec * 1e-9
+    if _check_raw_query(app_key, secret, method, path, query, body, now) == 1:
+        return None
+    return _api_problem(app_key, secret, method, path, parse_query(query), body, now)
+
+
+cdef str _api_problem(str app_key, bytes secret, str method, str path, dict params,
+                      bytes body, double now):
+    """check_api_request's general path, on the parsed parameters; it words each refusal."""
+    cdef Pairs q
+    cdef char buf[API_FAST_BYTES]
+    cdef unsigned char d[32]
+    cdef Py_ssize_t n = -1
     if params.get("auth_key") != app_key:
         return "auth_key is missing or does not match the app"
     ts = params.get("auth_timestamp", "")
@@ -1535,7 +1726,8 @@ cpdef str api_request_problem(str app_key, bytes secret, str method, str path, d
     signature = params.get("auth_signature")
     if not signature:
         return "auth_signature is missing"
-    n = _sts_ascii(method, path, params, buf)
+    if _pairs_from_dict(params, &q):
+        n = _sts_join(method, path, &q, buf)
     if n >= 0:
         _hmac_sha256_buf(secret, buf, n, d)
         if _hex_matches(d, 32, signature):

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import channels as kinds
-from ._core import Conn, Request, api_event, parse_query, unquote
+from ._core import Conn, Request, api_checks, api_event, json_body, parse_query, unquote
+from ._core import trigger as compiled_trigger
 from .apps import App
 from .errors import HttpError
 from .events import Event
-from .signatures import check_api_request
 
 if TYPE_CHECKING:
     from .node import Node
@@ -23,17 +23,6 @@ log = logging.getLogger("fastrelay.http")
 def reply(conn: Conn, req: Request, status: int, body: Any,
           headers: list[tuple[str, str]] | None = None) -> None:
     conn.respond(status, orjson.dumps(body), b"application/json", headers, req.keep_alive)
-
-
-def json_body(req: Request) -> dict:
-    """The request's JSON object body, or a 400 that says what is wrong with it."""
-    try:
-        body = orjson.loads(req.body)
-    except orjson.JSONDecodeError:
-        raise HttpError(400, "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise HttpError(400, "the body must be a JSON object")
-    return body
 
 
 def answer_later(node: Node, conn: Conn, req: Request, coro: Any) -> None:
@@ -164,15 +153,8 @@ class HttpApi:
         handler = self.routes.get((req.method, route))
         if handler is None:
             raise HttpError(405, f"{req.method} is not allowed here")
-        params, problem = check_api_request(app.key, app.secret_bytes, req.method, req.path,
-                                            req.query, req.body)
-        if problem is not None:
-            raise HttpError(401, problem)
-        if not app.enabled:
-            raise HttpError(403, "app is disabled")
-        if self.node.draining and req.method == "POST":
-            raise HttpError(503, "draining")
-        handler(conn, req, app, params, arg)
+        api_checks(app, req, self.node.draining)
+        handler(conn, req, app, arg)
 
     @staticmethod
     def _route(rest: list[str]) -> tuple[str | None, str | None]:
@@ -202,26 +184,19 @@ class HttpApi:
             out[ch] = info
         return out
 
-    def _accept(self, app: App, events: list[Event]) -> None:
-        """The same gate and audit as intake: rate limit (429), then audit and bus (or 503)."""
-        self.node.intake.gate(app, len(events))
-        self.node.intake.admit(events)
-
-    def trigger(self, conn: Conn, req: Request, app: App, params: dict, arg: Any) -> None:
-        event, attrs = api_event(app, json_body(req), False)
-        # answer first: the publisher should not wait for the fan-out
-        self._accept(app, [event])
-        if attrs:
+    def trigger(self, conn: Conn, req: Request, app: App, arg: Any) -> None:
+        # compiled whole; it answers before the fan-out, unless channel counts were asked for
+        asked = compiled_trigger(self.node, conn, req, app)
+        if asked is not None:
+            event, attrs = asked
             answer_later(self.node, conn, req, self._trigger_info(conn, req, app, event, attrs))
-        else:
-            conn.respond(200, b"{}", b"application/json", None, req.keep_alive)
 
     async def _trigger_info(self, conn: Conn, req: Request, app: App, event: Event,
                             attrs: list[str]) -> None:
         reply(conn, req, 200, {"channels": await self._info(app, event.channels, attrs)})
 
-    def batch(self, conn: Conn, req: Request, app: App, params: dict, arg: Any) -> None:
-        items = json_body(req).get("batch")
+    def batch(self, conn: Conn, req: Request, app: App, arg: Any) -> None:
+        items = json_body(req.body).get("batch")
         if not isinstance(items, list) or not items:
             raise HttpError(400, "batch must be a non-empty list")
         if len(items) > app.max_batch_size:
@@ -231,7 +206,9 @@ class HttpApi:
             if not isinstance(item, dict):
                 raise HttpError(400, "each batch item must be an object")
             parsed.append(api_event(app, item, True))
-        self._accept(app, [ev for ev, _ in parsed])
+        events = [ev for ev, _ in parsed]
+        self.node.intake.gate(app, len(events))  # the same rate limit and admission as intake
+        self.node.intake.admit(events)
         if any(attrs for _, attrs in parsed):
             answer_later(self.node, conn, req, self._batch_info(conn, req, app, parsed))
         else:
@@ -247,7 +224,8 @@ class HttpApi:
                        if attrs else {})
         reply(conn, req, 200, {"batch": out})
 
-    def channels(self, conn: Conn, req: Request, app: App, params: dict, arg: Any) -> None:
+    def channels(self, conn: Conn, req: Request, app: App, arg: Any) -> None:
+        params = parse_query(req.query)
         prefix = params.get("filter_by_prefix", "")
         attrs = [a for a in params.get("info", "").split(",") if a]
         for a in attrs:
@@ -261,11 +239,11 @@ class HttpApi:
         counts = await self.node.channel_counts(app.id, prefix)
         reply(conn, req, 200, {"channels": await self._info(app, list(counts), attrs, counts)})
 
-    def channel(self, conn: Conn, req: Request, app: App, params: dict, name: str) -> None:
+    def channel(self, conn: Conn, req: Request, app: App, name: str) -> None:
         problem = kinds.name_error(name)
         if problem is not None:
             raise HttpError(400, problem)
-        attrs = [a for a in params.get("info", "").split(",") if a]
+        attrs = [a for a in parse_query(req.query).get("info", "").split(",") if a]
         for a in attrs:
             if a == "user_count" and not kinds.kind_of(name) & kinds.PRESENCE:
                 raise HttpError(400, "user_count is only available on presence channels")
@@ -287,7 +265,7 @@ class HttpApi:
                 out["cache"] = {"event": ev.name, "data": ev.data, "ttl": int(ttl)}
         reply(conn, req, 200, out)
 
-    def users(self, conn: Conn, req: Request, app: App, params: dict, name: str) -> None:
+    def users(self, conn: Conn, req: Request, app: App, name: str) -> None:
         if not kinds.kind_of(name) & kinds.PRESENCE:
             raise HttpError(400, "users are only listed for presence channels")
         answer_later(self.node, conn, req, self._users(conn, req, app, name))
@@ -295,6 +273,6 @@ class HttpApi:
     async def _users(self, conn: Conn, req: Request, app: App, name: str) -> None:
         reply(conn, req, 200, {"users": [{"id": uid} for uid in await self.node.roster(app.id, name)]})
 
-    def terminate(self, conn: Conn, req: Request, app: App, params: dict, user_id: str) -> None:
+    def terminate(self, conn: Conn, req: Request, app: App, user_id: str) -> None:
         self.node.terminate_user(app.id, user_id)
         reply(conn, req, 200, {})

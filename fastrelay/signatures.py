@@ -9,12 +9,17 @@ import hashlib
 import time
 
 from ._core import (
-    api_request_problem,
     api_string_to_sign,
+    check_api_request,
     hmac_sha256_hex,
-    parse_query,
     verify_hmac,
 )
+
+# check_api_request(app_key, secret, method, path, query, body, now=0) -> the 401's message
+# or None: the HTTP API's signature check, in the core (it runs on every trigger)
+__all__ = ["api_string_to_sign", "ascii_int", "channel_auth_message", "check_api_request",
+           "check_channel_auth", "check_user_auth", "sign_api_request", "sign_channel",
+           "verify_hmac"]
 
 
 def channel_auth_message(socket_id: str, channel: str, channel_data: str | None = None) -> bytes:
@@ -63,14 +68,3 @@ def sign_api_request(key: str, secret: str, method: str, path: str, body: bytes 
         out["body_md5"] = hashlib.md5(body).hexdigest()
     out["auth_signature"] = hmac_sha256_hex(secret.encode(), api_string_to_sign(method, path, out).encode())
     return out
-
-
-def check_api_request(app_key: str, secret: bytes, method: str, path: str, query: str,
-                      body: bytes, now: float | None = None,
-                      params: dict[str, str] | None = None) -> tuple[dict[str, str], str | None]:
-    """Verifies a signed HTTP API request; returns (params, error or None). `params`: the
-    query already parsed, when the caller has it. The checks run in the core."""
-    if params is None:
-        params = parse_query(query)
-    return params, api_request_problem(app_key, secret, method, path, params, body,
-                                       time.time() if now is None else now)

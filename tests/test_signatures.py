@@ -103,9 +103,8 @@ def test_api_vector():
         "POST\n/apps/3/events\n"
         f"auth_key={KEY}&auth_timestamp={API_TS}&auth_version=1.0&body_md5={API_MD5}")
     query = "&".join(f"{k}={v}" for k, v in q.items())
-    params, err = check_api_request(KEY, SECRET.encode(), "POST", "/apps/3/events", query, API_BODY,
-                                    now=API_TS + 10)
-    assert err is None and params["auth_signature"] == API_SIG
+    assert check_api_request(KEY, SECRET.encode(), "POST", "/apps/3/events", query, API_BODY,
+                             now=API_TS + 10) is None
 
 
 def test_api_checks():
@@ -115,7 +114,7 @@ def test_api_checks():
 
     def check(q, body=API_BODY, now=API_TS, method="POST", p=path):
         return check_api_request(KEY, s, method, p, "&".join(f"{k}={v}" for k, v in q.items()), body,
-                                 now=now)[1]
+                                 now=now)
 
     assert check(good) is None
     assert check(good, now=API_TS + 600) is None
@@ -154,12 +153,39 @@ def test_api_signature_any_parameters(extra, method):
     q = {k: v for k, v in extra.items() if not k.lower().startswith("auth_")}
     q = sign_api_request(KEY, SECRET, method, path, params=q, timestamp=API_TS)
     query = "&".join(f"{quote(k)}={quote(v)}" for k, v in q.items())
-    assert check_api_request(KEY, SECRET.encode(), method, path, query, b"", now=API_TS)[1] is None
+    assert check_api_request(KEY, SECRET.encode(), method, path, query, b"", now=API_TS) is None
     if extra:
         k = next(k for k in q if k not in ("auth_signature",))
         bad = "&".join(f"{quote(a)}={quote(v + 'z' if a == k else v)}" for a, v in q.items())
-        problem = check_api_request(KEY, SECRET.encode(), method, path, bad, b"", now=API_TS)[1]
+        problem = check_api_request(KEY, SECRET.encode(), method, path, bad, b"", now=API_TS)
         assert problem is not None
+
+
+_RAW = st.text(alphabet="abcAB_-.x0", min_size=1, max_size=5)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(_RAW, _RAW), max_size=18), st.sampled_from(["GET", "POST"]),
+       st.booleans())
+def test_api_signature_raw_query_agrees(pairs, method, tamper):
+    """A query without escapes is checked straight from the string; it must agree with the
+    general path (forced by escaping auth_version's dot) on every query: repeated keys (the
+    last one counts), keys differing in case, too many parameters, a changed value."""
+    path = "/apps/3/channels"
+    body = b'{"a":1}' if method == "POST" else b""
+    extra = [(k, v) for k, v in pairs if not k.lower().startswith("auth_") and k.lower() != "body_md5"]
+    signed = sign_api_request(KEY, SECRET, method, path, body, params=dict(extra), timestamp=API_TS)
+    items = extra + [(k, v) for k, v in signed.items() if k.startswith("auth_") or k == "body_md5"]
+    if tamper:  # the occurrence that counts: the last one of the first key
+        i = max(i for i, (k, _) in enumerate(items) if k == items[0][0])
+        items[i] = (items[i][0], items[i][1] + "z")
+    query = "&".join(f"{k}={v}" for k, v in items)
+    fast = check_api_request(KEY, SECRET.encode(), method, path, query, body, now=API_TS)
+    general = check_api_request(KEY, SECRET.encode(), method, path,
+                                query.replace("auth_version=1.0", "auth_version=1%2E0"), body,
+                                now=API_TS)
+    assert (fast is None) == (general is None)
+    assert (fast is None) == (not tamper)
 
 
 def test_api_signature_matches_sdk():
@@ -171,7 +197,7 @@ def test_api_signature_matches_sdk():
     string = "GET\n/apps/3/channels\n" + "&".join(f"{k}={q[k]}" for k in sorted(q))
     q["auth_signature"] = sdk_sign(SECRET, string)
     query = "&".join(f"{k}={v}" for k, v in q.items()).replace(",", "%2C")
-    assert check_api_request(KEY, SECRET.encode(), "GET", "/apps/3/channels", query, b"")[1] is None
+    assert check_api_request(KEY, SECRET.encode(), "GET", "/apps/3/channels", query, b"") is None
 
 
 def test_verify_md5():

@@ -19,9 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._core import Conn, Request, constant_time_equal, hmac_sha256_hex, parse_query
+from .._core import Conn, Request, constant_time_equal, hmac_sha256_hex, json_body, parse_query
 from ..errors import HttpError
-from ..http_api import json_body, reply
+from ..http_api import reply
 from ..metrics import CONSOLE_CHANNEL
 from ..signatures import sign_channel
 
@@ -134,7 +134,7 @@ class Console:
         }, [("Cache-Control", "no-store")])
 
     def auth(self, conn: Conn, req: Request) -> None:
-        body = json_body(req)
+        body = json_body(req.body)
         app = self._app(body.get("app_id"))
         socket_id = body.get("socket_id")
         if not isinstance(socket_id, str) or not socket_id:
@@ -143,7 +143,7 @@ class Console:
                                "channel": CONSOLE_CHANNEL})
 
     def send(self, conn: Conn, req: Request) -> None:
-        body = json_body(req)
+        body = json_body(req.body)
         app = self._app(body.get("app_id"))
         data = body.get("data", "")
         item = {"name": body.get("event"), "channel": body.get("channel"), "data": data}
