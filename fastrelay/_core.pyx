@@ -1600,6 +1600,30 @@ cdef Py_ssize_t _sts_join(str method, str path, Pairs* q, char* out) except -2:
     return used
 
 
+cdef bint _next_param(const char** pos, const char* end, const char** k, Py_ssize_t* kn,
+                      const char** v, Py_ssize_t* vn) noexcept:
+    """The next "k=v" of a query string at *pos (empty pieces skipped), as pointers into it;
+    *v is NULL when the piece has no "=". False at the end."""
+    cdef const char* part = pos[0]
+    cdef const char* amp
+    cdef const char* eq
+    while part < end:
+        amp = <const char*>memchr(part, 38, end - part)  # '&'
+        if amp == NULL:
+            amp = end
+        if amp > part:
+            eq = <const char*>memchr(part, 61, amp - part)  # '='
+            k[0] = part
+            kn[0] = (eq if eq != NULL else amp) - part
+            v[0] = eq + 1 if eq != NULL else NULL
+            vn[0] = amp - eq - 1 if eq != NULL else 0
+            pos[0] = amp + 1
+            return True
+        part = amp + 1
+    pos[0] = end
+    return False
+
+
 cdef bint _field_is(const char* k, Py_ssize_t kn, const char* name, Py_ssize_t n) noexcept:
     return kn == n and memcmp(k, name, n) == 0
 
@@ -1612,10 +1636,8 @@ cdef int _check_raw_query(str app_key, bytes secret, str method, str path, str q
     cdef Pairs q
     cdef const char* p
     cdef const char* end
-    cdef const char* part
-    cdef const char* amp
-    cdef const char* eq
     cdef const char* kp
+    cdef const char* vp
     cdef const char* key = NULL
     cdef const char* ts = NULL
     cdef const char* ver = NULL
@@ -1633,30 +1655,20 @@ cdef int _check_raw_query(str app_key, bytes secret, str method, str path, str q
     if memchr(p, 37, n) != NULL or memchr(p, 43, n) != NULL:  # '%' or '+': escapes
         return -1
     end = p + n
-    part = p
     q.n = q.used = 0
-    while part < end:
-        amp = <const char*>memchr(part, 38, end - part)  # '&'
-        if amp == NULL:
-            amp = end
-        if amp > part:
-            eq = <const char*>memchr(part, 61, amp - part)  # '='
-            kp = part
-            kn = (eq if eq != NULL else amp) - part
-            vn = amp - eq - 1 if eq != NULL else 0
-            if _field_is(kp, kn, b"auth_key", 8):
-                key, keyn = eq + 1, vn
-            elif _field_is(kp, kn, b"auth_timestamp", 14):
-                ts, tsn = eq + 1, vn
-            elif _field_is(kp, kn, b"auth_version", 12):
-                ver, vern = eq + 1, vn
-            elif _field_is(kp, kn, b"body_md5", 8):
-                md5, md5n = eq + 1, vn
-            elif _field_is(kp, kn, b"auth_signature", 14):
-                sig, sign = eq + 1, vn
-            if eq == NULL or not _pairs_add(&q, kp, kn, eq + 1, vn):
-                return -1
-        part = amp + 1
+    while _next_param(&p, end, &kp, &kn, &vp, &vn):
+        if vp == NULL or not _pairs_add(&q, kp, kn, vp, vn):
+            return -1
+        if _field_is(kp, kn, b"auth_key", 8):
+            key, keyn = vp, vn
+        elif _field_is(kp, kn, b"auth_timestamp", 14):
+            ts, tsn = vp, vn
+        elif _field_is(kp, kn, b"auth_version", 12):
+            ver, vern = vp, vn
+        elif _field_is(kp, kn, b"body_md5", 8):
+            md5, md5n = vp, vn
+        elif _field_is(kp, kn, b"auth_signature", 14):
+            sig, sign = vp, vn
     # a repeated key: the last one wins in parse_query; leave that to the general path
     for i in range(q.n):
         for j in range(i + 1, q.n):
@@ -1793,11 +1805,10 @@ cpdef dict parse_query(str query):
     """'a=1&b=2' -> {'a': '1', 'b': '2'}; the last value wins, as in Pusher's signing."""
     cdef dict out = {}
     cdef const char* p
-    cdef const char* part
-    cdef const char* amp
-    cdef const char* eq
     cdef const char* end
-    cdef Py_ssize_t n
+    cdef const char* kp
+    cdef const char* vp
+    cdef Py_ssize_t n, kn, vn
     if not query:
         return out
     if not PyUnicode_IS_ASCII(query):
@@ -1808,16 +1819,6 @@ cpdef dict parse_query(str query):
         return out
     p = PyUnicode_AsUTF8AndSize(query, &n)  # an ASCII str's own buffer: no copy
     end = p + n
-    part = p
-    while part < end:
-        amp = <const char*>memchr(part, 38, end - part)  # '&'
-        if amp == NULL:
-            amp = end
-        if amp > part:
-            eq = <const char*>memchr(part, 61, amp - part)  # '='
-            if eq == NULL:
-                out[_unquote_ascii(part, amp - part)] = ""
-            else:
-                out[_unquote_ascii(part, eq - part)] = _unquote_ascii(eq + 1, amp - eq - 1)
-        part = amp + 1
+    while _next_param(&p, end, &kp, &kn, &vp, &vn):
+        out[_unquote_ascii(kp, kn)] = _unquote_ascii(vp, vn) if vp != NULL else ""
     return out
