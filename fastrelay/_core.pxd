@@ -80,3 +80,5 @@ cdef class Event:
     cdef public object id
     cdef public double accepted_at
     cdef public object user_id
+
+    cpdef tuple audit_row(self, replay_of=*)

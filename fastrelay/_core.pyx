@@ -264,6 +264,12 @@ cdef class Event:
         return (f"Event(id={self.id!r}, app_id={self.app_id!r}, channels={self.channels!r}, "
                 f"name={self.name!r}, source={self.source!r})")
 
+    cpdef tuple audit_row(self, replay_of=None):
+        """The audit's row (audit/base.py COLUMNS), built in C: reading nine attributes from
+        Python goes through a descriptor each, on every audited event."""
+        return (self.id, self.app_id, tuple(self.channels), self.name, self.data,
+                self.socket_id, self.source, self.accepted_at, self.user_id, replay_of)
+
 
 def connection_count():
     return _count

@@ -215,12 +215,10 @@ class AuditLog(ABC):
             self.stats.refused += 1
             return False
         try:
-            data = event.data
-            if not isinstance(data, str):  # a client event's object: the column holds text
-                data = dumps(data).decode()
-            row: tuple[Any, ...] | _Bad = (
-                event.id, event.app_id, tuple(event.channels), event.name, data,
-                event.socket_id, event.source, event.accepted_at, event.user_id, replay_of)
+            row: tuple[Any, ...] | _Bad = event.audit_row(replay_of)
+            data = row[4]
+            if type(data) is not str:  # a client event's object: the column holds text
+                row = (*row[:4], dumps(data).decode(), *row[5:])
         except Exception as exc:  # not an Event: the writer puts it in audit.rejected.jsonl
             row = _Bad(event if replay_of is None else (event, replay_of), exc)
         else:
