@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 
@@ -50,8 +51,8 @@ class App:
                 if problem is not None:
                     raise ConfigError(f"{where}webhooks[{i}]: {problem}")
 
-    @property
-    def secret_bytes(self) -> bytes:
+    @cached_property
+    def secret_bytes(self) -> bytes:  # read on every signed request: encoded once
         return self.secret.encode()
 
     def origin_allowed(self, origin: str | None) -> bool:
