@@ -13,6 +13,7 @@ extensions = [
         libraries=["crypto"],
     ),
     # the SQLite audit writer's insert loop on the C API (the writer child's CPU per row)
+    Extension("fastrelay.audit._journal", ["fastrelay/audit/_journal.pyx"]),
     Extension(
         "fastrelay.audit._sqlite",
         ["fastrelay/audit/_sqlite.pyx"],

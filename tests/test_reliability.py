@@ -204,11 +204,10 @@ def test_journal_refuses_when_no_segment_can_be_made(tmp_path: Path, monkeypatch
     import errno
 
     from fastrelay.audit.journal import Journal
-    from fastrelay.audit.spill import frame
 
     j = Journal(tmp_path / "journal", rotate_bytes=4096)
     j.open()
-    rows = [frame(b'[["id%d"]]' % i) for i in range(400)]
+    rows = [b'[["id%d"]]' % i for i in range(400)]
     for r in rows[:100]:
         assert j.append(r)
 
@@ -631,3 +630,20 @@ async def test_journal_of_a_process_that_dies_later_is_picked_up(tmp_path: Path)
     assert log.stats.journal_replayed_rows == 100
     assert_exactly_once(ids, sqlite_ids(tmp_path / "audit.sqlite3"))
     assert not list((tmp_path / "journal").iterdir())
+
+
+def test_journal_frames_match_the_spill_format() -> None:
+    """The journal's C writer lays frames out exactly as spill.frame does, so one reader
+    (read_frame) replays both; a frame that does not fit is refused whole."""
+    from fastrelay.audit._journal import FrameWriter
+    from fastrelay.audit.spill import frame
+
+    payloads = [b'[["a"]]', b'[["' + "é\u2603".encode() * 50 + b'"]]', b"x" * 300]
+    buf = bytearray(8 + 7 + 8 + len(payloads[1]) + 10)
+    w = FrameWriter(buf)
+    assert w.put(payloads[0]) and w.put(payloads[1])
+    assert not w.put(payloads[2])  # does not fit: nothing written
+    assert bytes(buf[:w.size]) == frame(payloads[0]) + frame(payloads[1])
+    assert not any(buf[w.size:])
+    w.release()
+    buf.append(0)  # the view is released: the buffer can change size again

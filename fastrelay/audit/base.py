@@ -22,7 +22,7 @@ from typing import Any
 from fastrelay.events import Event
 
 from .journal import Journal, Segment
-from .spill import SpillFile, dumps, frame
+from .spill import SpillFile, dumps
 
 log = logging.getLogger("fastrelay.audit")
 
@@ -224,8 +224,7 @@ class AuditLog(ABC):
         else:
             j = self._journal
             if j is not None:
-                payload = dumps((row,))
-                if not j.append(frame(payload)):
+                if not j.append(dumps((row,))):
                     self.stats.refused += 1
                     self.stats.journal_errors += 1
                     self._journal_failed()

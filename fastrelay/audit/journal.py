@@ -45,6 +45,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from ._journal import FrameWriter
 from .spill import loads, read_frame
 
 log = logging.getLogger("fastrelay.audit")
@@ -65,22 +66,25 @@ class Journal:
         self.fd = -1
         self.path: Path | None = None
         self.map: mmap.mmap | None = None  # the live segment
-        self.size = 0
+        self._out: FrameWriter | None = None  # appends to it, from C
         self.appended = 0  # rows appended over the journal's life (positions for durability)
         self._closed: deque[tuple[int, Segment]] = deque()  # (end position, segment)
 
     # ---- hot path (event loop thread) -----------------------------------------------------
 
-    def append(self, data: bytes) -> bool:
-        """Copies a whole frame into the live segment; False (nothing appended) when a new
-        segment was needed and the disk refused it."""
-        end = self.size + len(data)
-        if self.map is None or end > len(self.map):
-            if not self._rotate(len(data)):
+    @property
+    def size(self) -> int:
+        """Bytes used in the live segment."""
+        return self._out.size if self._out is not None else 0
+
+    def append(self, payload: bytes) -> bool:
+        """Frames one payload into the live segment (in C: `_journal.FrameWriter`); False
+        (nothing appended) when a new segment was needed and the disk refused it."""
+        out = self._out
+        if out is None or not out.put(payload):
+            if not self._rotate(len(payload) + 8):
                 return False
-            end = len(data)
-        self.map[self.size:end] = data
-        self.size = end
+            self._out.put(payload)  # type: ignore[union-attr]  # a new segment has room
         self.appended += 1
         return True
 
@@ -100,7 +104,7 @@ class Journal:
     def open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fd, self.path, self.map = self._new_segment(self.rotate_bytes)
-        self.size = 0
+        self._out = FrameWriter(self.map)
 
     def _new_segment(self, size: int) -> Segment:
         name = f"{os.getpid()}-{int(time.time() * 1000)}-{next(_counter)}"
@@ -126,14 +130,16 @@ class Journal:
             log.warning("audit journal: cannot start a new segment: %r", e)
             return False
         if self.path is not None:
+            self._release_out()
             self._closed.append((self.appended, (self.fd, self.path, self.map)))
         self.fd, self.path, self.map = seg
-        self.size = 0
+        self._out = FrameWriter(self.map)
         return True
 
     def close(self, remove: bool) -> None:
         """Closes (releasing the locks); deletes the segments when all rows are durable."""
         segs = [seg for _, seg in self._closed]
+        self._release_out()
         if self.path is not None:
             segs.append((self.fd, self.path, self.map))
         self._closed.clear()
@@ -144,6 +150,11 @@ class Journal:
             else:
                 os.close(fd)
         self.fd, self.path, self.map = -1, None, None
+
+    def _release_out(self) -> None:
+        if self._out is not None:
+            self._out.release()  # before the mapping is closed
+            self._out = None
 
     # ---- recovery (blocking I/O: the spill thread) ------------------------------------------
 
