@@ -19,7 +19,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._core import Conn, Request, constant_time_equal, hmac_sha256_hex, json_body, parse_query
+from .._core import (
+    Conn,
+    Request,
+    api_event,
+    constant_time_equal,
+    hmac_sha256_hex,
+    json_body,
+    parse_query,
+)
 from ..errors import HttpError
 from ..http_api import reply
 from ..metrics import CONSOLE_CHANNEL
@@ -147,7 +155,7 @@ class Console:
         app = self._app(body.get("app_id"))
         data = body.get("data", "")
         item = {"name": body.get("event"), "channel": body.get("channel"), "data": data}
-        event, _ = self.node.http._event(app, item, batch=False)
+        event, _ = api_event(app, item, False)
         event.source = "console"
         if self.node.draining:
             raise HttpError(503, "draining")
