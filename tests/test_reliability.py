@@ -647,3 +647,14 @@ def test_journal_frames_match_the_spill_format() -> None:
     assert not any(buf[w.size:])
     w.release()
     buf.append(0)  # the view is released: the buffer can change size again
+
+
+def test_journal_refuses_an_empty_payload(tmp_path: Path) -> None:
+    """A zero length marks the end of a segment's frames, so an empty payload is refused
+    (the event would be answered 503), never counted as journaled without being written."""
+    from fastrelay.audit.journal import Journal
+
+    j = Journal(tmp_path / "journal", rotate_bytes=4096)
+    j.open()
+    assert j.append(b'[["a"]]') and not j.append(b"") and j.appended == 1
+    j.close(remove=True)

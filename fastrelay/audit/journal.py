@@ -82,9 +82,9 @@ class Journal:
         (nothing appended) when a new segment was needed and the disk refused it."""
         out = self._out
         if out is None or not out.put(payload):
-            if not self._rotate(len(payload) + 8):
+            # a new segment is sized for the frame; an empty payload can never be framed
+            if not self._rotate(len(payload) + 8) or not self._out.put(payload):  # type: ignore[union-attr]
                 return False
-            self._out.put(payload)  # type: ignore[union-attr]  # a new segment has room
         self.appended += 1
         return True
 
