@@ -1248,15 +1248,19 @@ cpdef bint verify_hmac(bytes key, bytes message, object signature):
     return _hex_matches(d, 32, signature)
 
 
+cdef void _md5(bytes body, unsigned char* out) noexcept:
+    cdef MD5_CTX ctx
+    MD5_Init(&ctx)
+    MD5_Update(&ctx, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+    MD5_Final(out, &ctx)
+
+
 cpdef bint verify_md5(bytes body, str md5_hex):
     """True when md5_hex (any case) is MD5(body): the HTTP API's body_md5 check."""
     cdef unsigned char d[16]
-    cdef MD5_CTX ctx
     if body is None:
         raise TypeError("body must be bytes")
-    MD5_Init(&ctx)
-    MD5_Update(&ctx, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
-    MD5_Final(d, &ctx)
+    _md5(body, d)
     return _hex_matches(d, 16, md5_hex)
 
 
@@ -1440,8 +1444,7 @@ def trigger(node, Conn conn, Request req, app):
     publisher asked for channel counts, which the caller answers from a task."""
     event, attrs = api_event(app, json_body(req.body), False)
     intake = node.intake
-    if app.rate_limit > 0:
-        intake.gate(app, 1)
+    intake.gate(app, 1)
     intake.admit([event])
     if attrs:
         return event, attrs
@@ -1654,7 +1657,6 @@ cdef int _check_raw_query(str app_key, bytes secret, str method, str path, str q
     cdef char buf[API_FAST_BYTES]
     cdef unsigned char d[32]
     cdef unsigned char m5[16]
-    cdef MD5_CTX mctx
     if not query or not PyUnicode_IS_ASCII(query) or not PyUnicode_IS_ASCII(app_key):
         return -1
     p = PyUnicode_AsUTF8AndSize(query, &n)
@@ -1694,14 +1696,12 @@ cdef int _check_raw_query(str app_key, bytes secret, str method, str path, str q
     if ver != NULL and not _field_is(ver, vern, b"1.0", 3):
         return 0
     if body:
-        if md5 == NULL or md5n != 32:
+        if md5 == NULL:
             return 0
-        MD5_Init(&mctx)
-        MD5_Update(&mctx, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
-        MD5_Final(m5, &mctx)
+        _md5(body, m5)
         if not _hex_matches_buf(m5, 16, md5, md5n):
             return 0
-    if sig == NULL or sign != 64:
+    if sig == NULL:
         return 0
     n = _sts_join(method, path, &q, buf)
     if n < 0:

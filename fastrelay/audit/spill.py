@@ -40,10 +40,10 @@ def loads(payload: bytes) -> Any:
         return json.loads(payload)
 
 
-def frame(payload: bytes, _pack: Any = _HEADER.pack, _crc32: Any = zlib.crc32) -> bytes:
-    """[u32 BE length][u32 crc32][payload]: the spill file's and the journal's unit. (Bound
-    as defaults: the journal frames every audited event.)"""
-    return _pack(len(payload), _crc32(payload)) + payload
+def frame(payload: bytes) -> bytes:
+    """[u32 BE length][u32 crc32][payload]: the spill file's unit, and the journal's (which
+    audit/_journal.pyx writes from C in the same layout)."""
+    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
 def read_frame(fd: int, off: int, size: int) -> tuple[int, bytes] | None:
