@@ -425,3 +425,21 @@ def test_encode_close(code, reason):
     assert f.opcode == OP_CLOSE and f.close_code == code
     assert len(f.payload) <= 125, "a control frame payload is at most 125 bytes"
     f.payload[2:].decode("utf-8")  # the reason, even cut, must stay valid UTF-8
+
+
+@SMALL
+@given(status=st.sampled_from([200, 202, 400, 404, 413, 429, 503, 599]),
+       body=st.one_of(st.binary(max_size=64), st.binary(min_size=900, max_size=3000)),
+       ctype=st.sampled_from([b"application/json", b"text/plain; charset=utf-8"]))
+@example(status=200, body=b"", ctype=b"application/json")
+def test_respond_bytes(status, body, ctype):
+    """A keep-alive answer, assembled in C below ~1 KB and formatted above: the same bytes."""
+    h = Harness()
+    h.conn.respond(status, body, ctype, None, True)
+    out = h.output_http()
+    head, _, rest = out.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0].startswith(b"HTTP/1.1 %d " % status)
+    assert lines[1:] == [b"Content-Type: " + ctype, b"Content-Length: %d" % len(body)]
+    assert rest == body
+    h.close()
