@@ -379,7 +379,7 @@ class _NodeCollector:
         h = ops.node.stats.latency
         out.append(HistogramMetricFamily(
             "fastrelay_delivery_latency_seconds",
-            "From accepted_at to fan-out on this worker, one observation per event",
+            "From accepted_at to the end of its fan-out, per event delivered by this worker",
             buckets=h.buckets(), sum_value=h.total))
 
         # HTTP

@@ -259,14 +259,17 @@ class Node:
         _core.flush_all()  # now, not one loop turn later
 
     def deliver(self, event: Event) -> int:
-        """Fan-out on this worker: one frame per channel, the same bytes to every subscriber."""
-        if self.cfg.event_ttl and time.time() - event.accepted_at > self.cfg.event_ttl:
+        """Fan-out on this worker: one frame per channel, the same bytes to every subscriber.
+        An event nobody here listens to (and no cache keeps) costs a lookup per channel."""
+        ttl = self.cfg.event_ttl
+        if ttl and time.time() - event.accepted_at > ttl:
             self.stats.stale_dropped += 1
             return 0
         exclude = _core.find_socket(event.socket_id) if event.socket_id else None
         sent = 0
+        table = self.channels
         for name in event.channels:
-            ch = self.channels.get(event.app_id, name)
+            ch = table.get(event.app_id, name)
             cache = (ch.kind if ch is not None else kinds.kind_of(name)) & kinds.CACHE
             if ch is None and not cache:
                 continue  # nobody here to send to, nothing to keep: no frame to encode
@@ -279,11 +282,12 @@ class Node:
                                                      event)
             if ch is not None:
                 sent += ch.fanout(frame, exclude)
-        stats = self.stats
-        stats.deliveries += sent
-        stats.latency.observe(time.time() - event.accepted_at)
-        if sent and isinstance(event.data, str):
-            stats.delivered_data_bytes += sent * len(event.data)
+        if sent:
+            stats = self.stats
+            stats.deliveries += sent
+            stats.latency.observe(time.time() - event.accepted_at)
+            if isinstance(event.data, str):
+                stats.delivered_data_bytes += sent * len(event.data)
         ops = self.ops
         if ops is not None and ops.console:  # the console's live feed, only while one is open
             ops.tap(event, sent)
