@@ -443,3 +443,16 @@ def test_respond_bytes(status, body, ctype):
     assert lines[1:] == [b"Content-Type: " + ctype, b"Content-Length: %d" % len(body)]
     assert rest == body
     h.close()
+
+
+def test_event_ids_sort_by_time():
+    """27 lowercase hex digits: ms time, a sequence within the ms, the process's random bits."""
+    ids = [_core.new_event_id() for _ in range(5000)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    for i in ids:
+        assert len(i) == 27 and all(c in "0123456789abcdef" for c in i)
+        assert i[17:] == ids[0][17:]  # one process: the same random bits
+    assert abs(int(ids[0][:12], 16) - time.time() * 1000) < 5000
+    same_ms = [i for i in ids if i[:12] == ids[-1][:12]]
+    assert [int(i[12:17], 16) for i in same_ms] == list(range(int(same_ms[0][12:17], 16),
+                                                              int(same_ms[0][12:17], 16) + len(same_ms)))
