@@ -21,6 +21,7 @@ import pytest
 from pgproxy import PgProxy
 
 from fastrelay.audit import AuditLog, open_audit
+from fastrelay.audit import sqlite as audit_sqlite
 from fastrelay.audit._sqlite import Poison, Transient, Writer
 from fastrelay.audit.spill import SpillFile
 from fastrelay.audit.sqlite import _SCHEMA
@@ -463,3 +464,35 @@ def test_sqlite_writer_commits_whole_batches_and_sorts_errors(tmp_path: Path) ->
                     ("id2", '["a","b"]', "é", "1.2", 3.5, "u"),
                     ("id5", '["a","b"]', "é", None, 6.5, None)]
     assert chans == [("app", ch, f"id{i}") for ch in "ab" for i in (1, 2, 5)]
+
+
+@pytest.mark.parametrize("make_log", ["sqlite"], indirect=True)
+async def test_sqlite_version_1_file_migrates_and_retention_walks_rowids(
+        make_log: MakeLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file made by schema version 1 loses its accepted_at index on open. Retention deletes
+    old rows in insertion order without it; an old row written late (a journal replay) goes
+    once the rows around it are old too, and a newer row in between does not stop the pass."""
+    with sqlite3.connect(tmp_path / "audit.sqlite3") as db:
+        db.executescript(_SCHEMA.replace(
+            "DROP INDEX IF EXISTS audit_events_accepted_at;",
+            "CREATE INDEX IF NOT EXISTS audit_events_accepted_at ON audit_events (accepted_at);"))
+    log = make_log(retention_days=7)
+    await log.start()
+    now = time.time()
+    old = [ev(i=i, accepted_at=now - 10 * DAY + i) for i in range(3)]
+    skewed = ev(i=99, accepted_at=now - DAY)  # written between old rows: kept, passed over
+    more_old = [ev(i=i, accepted_at=now - 9 * DAY + i) for i in range(3)]
+    new = [ev(i=i, accepted_at=now - 1 * DAY + i) for i in range(3)]
+    late = ev(i=7, accepted_at=now - 20 * DAY)  # a replayed journal's row, written after `new`
+    for e in old + [skewed] + more_old + new + [late]:
+        assert log.record(e)
+    await log.flush()
+    with sqlite3.connect(tmp_path / "audit.sqlite3") as db:
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert "audit_events_accepted_at" not in names and "audit_events_app_id" in names
+        assert db.execute("SELECT max(version) FROM audit_schema_version").fetchone()[0] == 2
+    monkeypatch.setattr(audit_sqlite, "_RETENTION_CHUNK", 2)  # the pass ends in a chunk of new rows
+    assert await log.apply_retention(now=now) == 6
+    assert await count_all(log) == [skewed.id] + [e.id for e in new] + [late.id]
+    assert await log.apply_retention(now=now + 7 * DAY) == 5  # all old now, the late row too
+    assert await count_all(log) == []

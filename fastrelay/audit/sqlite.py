@@ -26,7 +26,7 @@ import orjson
 from .base import COLUMNS, MAX_QUERY_LIMIT, AuditLog, Row
 from .sqlite_writer import FRAME, POISON, connect
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_schema_version (
     version INTEGER PRIMARY KEY,
@@ -45,7 +45,9 @@ CREATE TABLE IF NOT EXISTS audit_events (
     replay_of TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_events_app_id ON audit_events (app_id, id);
-CREATE INDEX IF NOT EXISTS audit_events_accepted_at ON audit_events (accepted_at);
+-- version 1 indexed accepted_at for retention alone; retention walks rowids instead, and the
+-- index cost the writer ~0.6 us of its ~5 us per row
+DROP INDEX IF EXISTS audit_events_accepted_at;
 CREATE TABLE IF NOT EXISTS audit_event_channels (
     app_id TEXT NOT NULL,
     channel TEXT NOT NULL,
@@ -167,30 +169,36 @@ class SqliteAuditLog(AuditLog):
         assert conn is not None
         cutoff = (time.time() if now is None else now) - self.retention_days * 86_400
 
-        def delete_chunk() -> int:
-            old = conn.execute("SELECT id, app_id, channels FROM audit_events "
-                               "WHERE accepted_at < ? LIMIT ?",
-                               (cutoff, _RETENTION_CHUNK)).fetchall()
+        def delete_chunk(after: int) -> tuple[int, int]:
+            # Oldest first in insertion order (rowid order is time order, but for rows a
+            # journal replay wrote late, which go once their neighbours are old), no index
+            # on accepted_at: a pass costs what it deletes, plus one chunk.
+            rows = conn.execute("SELECT rowid, id, app_id, channels, accepted_at "
+                                "FROM audit_events WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                                (after, _RETENTION_CHUNK)).fetchall()
+            old = [r for r in rows if r[4] < cutoff]
             if not old:
-                return 0
+                return 0, after
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.executemany(
                     "DELETE FROM audit_event_channels "
                     "WHERE app_id = ? AND channel = ? AND event_id = ?",
-                    [(app, ch, eid) for eid, app, chs in old for ch in orjson.loads(chs)])
-                conn.executemany("DELETE FROM audit_events WHERE id = ?",
+                    [(app, ch, eid) for _, eid, app, chs, _ in old for ch in orjson.loads(chs)])
+                conn.executemany("DELETE FROM audit_events WHERE rowid = ?",
                                  [(r[0],) for r in old])
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
-            return len(old)
+            return len(old), rows[-1][0]
 
-        total = 0
-        while n := await self._on(self._wx, delete_chunk):
+        total, after = 0, 0
+        while True:
+            n, after = await self._on(self._wx, delete_chunk, after)
+            if not n:
+                return total
             total += n
-        return total
 
 
 class WriterProcess:

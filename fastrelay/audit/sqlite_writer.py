@@ -37,7 +37,10 @@ POISON = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
 # (schema, queries, retention). NORMAL (with WAL): a commit survives a crash of the process,
 # as the journal does (it is not fsync'd either); a power loss can take the last batches.
 # FULL fsync'd every batch and cost as much CPU as the rest of the request path.
-PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=10000")
+# page_size applies to a new file only (before WAL is set): 16 KiB pages cost the writer less
+# per row than 4 KiB ones (fewer splits and page writes).
+PRAGMAS = ("PRAGMA page_size=16384", "PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL",
+           "PRAGMA busy_timeout=10000")
 
 
 def connect(path: Path) -> sqlite3.Connection:
