@@ -20,6 +20,7 @@ import orjson
 import pytest
 from pgproxy import PgProxy
 
+from fastrelay._core import event_id_floor
 from fastrelay.audit import AuditLog, open_audit
 from fastrelay.audit import sqlite as audit_sqlite
 from fastrelay.audit._sqlite import Poison, Transient, Writer
@@ -496,3 +497,30 @@ async def test_sqlite_version_1_file_migrates_and_retention_walks_rowids(
     assert await count_all(log) == [skewed.id] + [e.id for e in new] + [late.id]
     assert await log.apply_retention(now=now + 7 * DAY) == 5  # all old now, the late row too
     assert await count_all(log) == []
+
+
+async def test_since_is_exact_at_each_event(make_log: MakeLog) -> None:
+    """`since` an event's own accepted_at returns it and every later one: the id bound the
+    SQLite query starts from (ids sort by time) never cuts off a row the filter keeps."""
+    log = make_log()
+    await log.start()
+    events = []
+    for i in range(40):
+        events.append(ev(channels=["a"], i=i))
+        assert log.record(events[-1])
+        if i % 8 == 7:
+            await asyncio.sleep(0.002)  # several milliseconds, so ids cross ms boundaries
+    await log.flush()
+    for k in (0, 7, 8, 23, 39):
+        since = events[k].accepted_at
+        want = [e.id for e in events if e.accepted_at >= since][::-1]
+        assert [r["id"] for r in await log.query("app", since=since, limit=100)] == want
+        assert [r["id"] for r in await log.query("app", channel="a", since=since,
+                                                 limit=100)] == want
+    assert await log.query("app", since=time.time() + 5) == []
+
+
+def test_event_id_floor_is_below_every_later_id() -> None:
+    for _ in range(2000):
+        e = Event("app", ["c"], "n", "d")
+        assert event_id_floor(e.accepted_at) <= e.id < event_id_floor(e.accepted_at + 1)

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from .._core import event_id_floor
 from .base import COLUMNS, MAX_QUERY_LIMIT, AuditLog, Row
 from .sqlite_writer import FRAME, POISON, connect
 
@@ -135,8 +136,9 @@ class SqliteAuditLog(AuditLog):
             sql += " AND e.name = ?"
             args.append(event)
         if since is not None:
-            sql += " AND e.accepted_at >= ?"
-            args.append(since)
+            # the id bound keeps the walk short (ids sort by time); accepted_at decides
+            sql += f" AND {id_col} >= ? AND e.accepted_at >= ?"
+            args += [event_id_floor(since), since]
         if until is not None:
             sql += " AND e.accepted_at < ?"
             args.append(until)
