@@ -524,3 +524,26 @@ def test_event_id_floor_is_below_every_later_id() -> None:
     for _ in range(2000):
         e = Event("app", ["c"], "n", "d")
         assert event_id_floor(e.accepted_at) <= e.id < event_id_floor(e.accepted_at + 1)
+
+
+@pytest.mark.parametrize("make_log", ["sqlite"], indirect=True)
+async def test_node_refuses_what_the_audit_cannot_take(make_log: MakeLog, tmp_path: Path) -> None:
+    """An event is accepted only once queued for the audit: with the queue full, one event
+    alone or a batch (checked whole) is refused before the bus, and counted."""
+    from fastrelay.apps import AppManager
+    from fastrelay.config import load
+    from fastrelay.node import Node
+
+    log = make_log(queue_size=3, flush_interval=60, batch_rows=1000)  # the writer waits
+    await log.start()
+    cfg = load(None, {"FASTRELAY_DATA_DIR": str(tmp_path)})
+    node = Node(cfg, AppManager(cfg.apps), asyncio.get_running_loop(), None, log)
+    published: list[Event] = []
+    node.bus.publish = published.append  # type: ignore[method-assign]
+    a, b, c, d = (ev(i=i) for i in range(4))
+    assert node.accept([a]) and node.accept([b])
+    assert not node.accept([c, d])  # two do not fit in the one place left: neither goes
+    assert node.accept([c])
+    assert not node.accept([d])  # full: refused by record() itself
+    assert published == [a, b, c] and node.stats.audit_refused == 2
+    assert log.queue_depth == 3 and log.stats.refused == 1
