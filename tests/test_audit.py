@@ -547,3 +547,33 @@ async def test_node_refuses_what_the_audit_cannot_take(make_log: MakeLog, tmp_pa
     assert not node.accept([d])  # full: refused by record() itself
     assert published == [a, b, c] and node.stats.audit_refused == 2
     assert log.queue_depth == 3 and log.stats.refused == 1
+
+
+@pytest.mark.parametrize("make_log", ["sqlite"], indirect=True)
+async def test_record_refuses_what_the_journal_cannot_take(make_log: MakeLog,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """record() (compiled) journals each row before queueing it: when the live segment is
+    full and no new one can be made (a full disk), the event is refused and counted, and
+    every event accepted before and after reaches the database once."""
+    import errno
+
+    log = make_log(journal_rotate_bytes=4096)
+    await log.start()
+    events = [ev(i=i) for i in range(200)]
+    assert all(log.record(e) for e in events[:10])
+
+    def full(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("os.posix_fallocate", full)
+    results = [log.record(e) for e in events[10:]]
+    assert False in results and all(results[:results.index(False)])
+    refused = results.count(False)
+    assert log.stats.refused == refused and log.stats.journal_errors == refused
+    assert log.stats.recorded == 10 + results.count(True)
+    monkeypatch.undo()
+    later = ev(i=999)
+    assert log.record(later)
+    await log.flush()
+    accepted = events[:10] + [e for e, ok in zip(events[10:], results, strict=True) if ok]
+    assert await count_all(log) == [e.id for e in accepted + [later]]

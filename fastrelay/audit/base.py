@@ -21,6 +21,7 @@ from typing import Any
 
 from fastrelay.events import Event
 
+from ._journal import Recorder
 from .journal import Journal, Segment
 from .spill import SpillFile, dumps
 
@@ -98,21 +99,18 @@ class AuditLog(ABC):
         self.retry_interval = retry_interval
         self.max_retry_interval = max_retry_interval
         self.maintenance_interval = maintenance_interval
-        self.stats = AuditStats()
+        self._stats = AuditStats()
         self._queue: deque[tuple[Any, ...] | _Bad] = deque()  # rows, as journaled
         self._spill = SpillFile(self.data_dir / "audit.spill")
         self._rejected_path = self.data_dir / "audit.rejected.jsonl"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._io: ThreadPoolExecutor | None = None  # spill file I/O, one thread keeps order
-        self._waiter: asyncio.Future[None] | None = None
-        self._wake_at = 1
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._durable = 0  # rows recorded that are now in the database or the spill file
         self._pending: list[Any] | None = None  # a batch neither database nor spill took
         self._db_ok = False
         self._backoff = retry_interval
         self._next_retry = 0.0
-        self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._maint_task: asyncio.Task[None] | None = None
         self._journal = (Journal(Path(journal_dir) if journal_dir is not None
@@ -125,6 +123,11 @@ class AuditLog(ABC):
         # reload that could not flush, a slot that is not restarted) are looked for this often
         self.orphan_scan_interval = 30.0
         self._next_scan = 0.0
+        # record()'s state and work are compiled (audit/_journal.pyx); the bound method is
+        # set on the instance too, so the hot path calls it without a Python frame
+        self._rec = Recorder(self._queue, queue_size, self._journal, self._bad,
+                             self._journal_failed)
+        self.record = self._rec.record  # type: ignore[method-assign]
 
     # ---- backend hooks -------------------------------------------------------------------
 
@@ -206,35 +209,29 @@ class AuditLog(ABC):
         """Journals and queues the event; False when it cannot (refuse the event: 503).
 
         True means the row is in the journal (page cache: survives kill -9 of this process,
-        not a power loss; no fsync here by design) and queued for the database. O(1), one
-        write(2), no waiting. Call from the event loop thread. `replay_of` is the original
-        id when re-sending.
+        not a power loss; no fsync here by design) and queued for the database. O(1), no
+        system call, no waiting. Call from the event loop thread. `replay_of` is the original
+        id when re-sending. (Instances call `Recorder.record` directly.)
         """
-        q = self._queue
-        if len(q) >= self.queue_size or self._closing:
-            self.stats.refused += 1
-            return False
-        try:
-            row: tuple[Any, ...] | _Bad = event.audit_row(replay_of)
-            data = row[4]
-            if type(data) is not str:  # a client event's object: the column holds text
-                row = (*row[:4], dumps(data).decode(), *row[5:])
-        except Exception as exc:  # not an Event: the writer puts it in audit.rejected.jsonl
-            row = _Bad(event if replay_of is None else (event, replay_of), exc)
-        else:
-            j = self._journal
-            if j is not None:
-                if not j.append(dumps((row,))):
-                    self.stats.refused += 1
-                    self.stats.journal_errors += 1
-                    self._journal_failed()
-                    return False
-        q.append(row)
-        self.stats.recorded += 1
-        w = self._waiter
-        if w is not None and len(q) >= self._wake_at and not w.done():
-            w.set_result(None)
-        return True
+        return self._rec.record(event, replay_of)
+
+    def _bad(self, event: Any, replay_of: str | None, exc: BaseException) -> _Bad:
+        """What record() queues for an event it cannot turn into a row."""
+        return _Bad(event if replay_of is None else (event, replay_of), exc)
+
+    @property
+    def stats(self) -> AuditStats:
+        s, r = self._stats, self._rec
+        s.recorded, s.refused, s.journal_errors = r.recorded, r.refused, r.journal_errors
+        return s
+
+    @property
+    def _closing(self) -> bool:
+        return self._rec.closing
+
+    @_closing.setter
+    def _closing(self, value: bool) -> None:
+        self._rec.closing = value
 
     def _journal_failed(self) -> None:
         now = time.monotonic()
@@ -298,19 +295,19 @@ class AuditLog(ABC):
     # ---- writer --------------------------------------------------------------------------
 
     def _wake(self) -> None:
-        w = self._waiter
+        w = self._rec.waiter
         if w is not None and not w.done():
             w.set_result(None)
 
     async def _wait(self, timeout: float | None, wake_at: int) -> None:
         assert self._loop is not None
         fut = self._loop.create_future()
-        self._waiter, self._wake_at = fut, wake_at
+        self._rec.waiter, self._rec.wake_at = fut, wake_at
         handle = None if timeout is None else self._loop.call_later(timeout, _resolve, fut)
         try:
             await fut
         finally:
-            self._waiter = None
+            self._rec.waiter = None
             if handle is not None:
                 handle.cancel()
 
