@@ -50,6 +50,7 @@ cdef class Conn:
     cdef int _flush(self) except -1
     cdef int _send_now(self, bytes data) except -1
     cdef int _send_simple(self, bytes line, bytes content_type, bytes body) except -1
+    cdef int _send_buf(self, const char* data, Py_ssize_t n) except -1
     cdef int _parse_http(self) except -1
     cdef int _http_error(self, int status, str message) except -1
     cdef bint _http_whole(self, bytes data) except -1

@@ -895,16 +895,16 @@ cdef class Conn:
         memcpy(buf + n, b"\r\n\r\n", 4)
         n += 4
         memcpy(buf + n, PyBytes_AS_STRING(body), nb)
-        n += nb
-        if self.pend is not None or self.olen:
-            self._flush()
-        _raw_send(self, buf, n)
-        return 0
+        return self._send_buf(buf, n + nb)
 
     cdef int _send_now(self, bytes data) except -1:
+        return self._send_buf(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+
+    cdef int _send_buf(self, const char* data, Py_ssize_t n) except -1:
+        """At once, behind whatever this connection has queued."""
         if self.pend is not None or self.olen:
             self._flush()
-        _raw_send(self, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        _raw_send(self, data, n)
         return 0
 
     def send(self, bytes frame):

@@ -13,13 +13,11 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-from fastrelay.events import Event
 
 from ._journal import Recorder
 from .journal import Journal, Segment
@@ -123,11 +121,15 @@ class AuditLog(ABC):
         # reload that could not flush, a slot that is not restarted) are looked for this often
         self.orphan_scan_interval = 30.0
         self._next_scan = 0.0
-        # record()'s state and work are compiled (audit/_journal.pyx); the bound method is
-        # set on the instance too, so the hot path calls it without a Python frame
+        # record(event, replay_of=None) -> bool: journals and queues the event; False when it
+        # cannot (refuse the event: 503). True means the row is in the journal (page cache:
+        # survives kill -9 of this process, not a power loss; no fsync here by design) and
+        # queued for the database. O(1), no system call, no waiting; call from the event loop
+        # thread; `replay_of` is the original id when re-sending. Compiled with its state
+        # (audit/_journal.pyx) and bound here, so the hot path runs no Python frame for it.
         self._rec = Recorder(self._queue, queue_size, self._journal, self._bad,
                              self._journal_failed)
-        self.record = self._rec.record  # type: ignore[method-assign]
+        self.record: Callable[..., bool] = self._rec.record
 
     # ---- backend hooks -------------------------------------------------------------------
 
@@ -204,16 +206,6 @@ class AuditLog(ABC):
     def has_room(self, n: int) -> bool:
         """Whether n more events fit now: a batch is checked whole, so it is accepted whole."""
         return len(self._queue) + n <= self.queue_size and not self._closing
-
-    def record(self, event: Event, replay_of: str | None = None) -> bool:
-        """Journals and queues the event; False when it cannot (refuse the event: 503).
-
-        True means the row is in the journal (page cache: survives kill -9 of this process,
-        not a power loss; no fsync here by design) and queued for the database. O(1), no
-        system call, no waiting. Call from the event loop thread. `replay_of` is the original
-        id when re-sending. (Instances call `Recorder.record` directly.)
-        """
-        return self._rec.record(event, replay_of)
 
     def _bad(self, event: Any, replay_of: str | None, exc: BaseException) -> _Bad:
         """What record() queues for an event it cannot turn into a row."""

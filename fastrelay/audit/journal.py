@@ -66,7 +66,7 @@ class Journal:
         self.fd = -1
         self.path: Path | None = None
         self.map: mmap.mmap | None = None  # the live segment
-        self._out: FrameWriter | None = None  # appends from C (the Recorder also directly)
+        self._out: FrameWriter | None = None  # appends to it, from C
         self.appended = 0  # rows appended over the journal's life (positions for durability)
         self._closed: deque[tuple[int, Segment]] = deque()  # (end position, segment)
 
