@@ -499,9 +499,12 @@ async def test_sqlite_version_1_file_migrates_and_retention_walks_rowids(
     assert await count_all(log) == []
 
 
+@pytest.mark.parametrize("make_log", ["sqlite"], indirect=True)
 async def test_since_is_exact_at_each_event(make_log: MakeLog) -> None:
     """`since` an event's own accepted_at returns it and every later one: the id bound the
-    SQLite query starts from (ids sort by time) never cuts off a row the filter keeps."""
+    SQLite query starts from (ids sort by time) never cuts off a row the filter keeps.
+    SQLite only: PostgreSQL keeps accepted_at in microseconds, so there an event a fraction
+    of a microsecond before `since` can compare equal to it, and it has no id bound."""
     log = make_log()
     await log.start()
     events = []
