@@ -23,7 +23,7 @@ from pgproxy import PgProxy
 from fastrelay._core import event_id_floor
 from fastrelay.audit import AuditLog, open_audit
 from fastrelay.audit import sqlite as audit_sqlite
-from fastrelay.audit._sqlite import Poison, Transient, Writer
+from fastrelay.audit._sqlite import BATCH_ROWS, Poison, Transient, Writer, pack
 from fastrelay.audit.spill import SpillFile
 from fastrelay.audit.sqlite import _SCHEMA
 from fastrelay.events import Event
@@ -82,10 +82,11 @@ async def make_log(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: st
 
 def ev(app: str = "app", channels: list[str] | None = None, name: str = "e", i: int = 0,
        accepted_at: float | None = None) -> Event:
-    e = Event(app, channels or ["c"], name, f'{{"i":{i}}}', socket_id="1.2", source="api")
-    if accepted_at is not None:
-        e.accepted_at = accepted_at
-    return e
+    """An event, accepted now or at `accepted_at`, whose id then says that time (ids start
+    with 12 hex digits of ms), as a real one's would: SQLite batches and retention go by it."""
+    eid = None if accepted_at is None else f"{int(accepted_at * 1000):012x}{os.urandom(8).hex()[:15]}"
+    return Event(app, channels or ["c"], name, f'{{"i":{i}}}', socket_id="1.2", source="api",
+                 id=eid, accepted_at=accepted_at)
 
 
 async def count_all(log: AuditLog, app: str = "app") -> list[str]:
@@ -177,7 +178,7 @@ async def test_record_refuses_when_queue_full(make_log: MakeLog) -> None:
     assert len(await count_all(log)) == 6
 
 
-async def test_same_event_twice_stored_once(make_log: MakeLog) -> None:
+async def test_same_event_twice_returned_once(make_log: MakeLog) -> None:
     log = make_log()
     await log.start()
     e = ev()
@@ -424,79 +425,231 @@ async def test_sqlite_writer_process_killed_loses_nothing(make_log: MakeLog) -> 
     assert log.stats.write_errors >= 1  # the kill was seen, not dodged
 
 
-def test_sqlite_writer_commits_whole_batches_and_sorts_errors(tmp_path: Path) -> None:
-    """The writer child's C insert loop: a batch commits whole or not at all; invalid rows
-    raise Poison (the caller isolates them), a database problem raises Transient (it spills)."""
+def _row(i: int, **change: Any) -> list[Any]:
+    r = {"id": f"018e0000{i:04d}", "app_id": "app", "channels": ["a", "b"], "name": "n",
+         "data": "é", "socket_id": None, "source": "api", "accepted_at": 1.5 + i,
+         "user_id": None, "replay_of": None}
+    r.update(change)
+    return list(r.values())
+
+
+def test_sqlite_pack_groups_rows_and_refuses_invalid_ones() -> None:
+    """pack (the worker's half): one batch per app and id prefix, at most BATCH_ROWS rows, in
+    id order whatever order the rows came in; an invalid row refuses the whole request."""
+    rows = ([_row(i) for i in range(5)] + [_row(1, app_id="other", id="018e0000x")]
+            + [_row(9, id="018e0001a")]  # the next prefix
+            + [_row(7, channels=["z"]), _row(6)])  # out of order
+    request = pack(rows)
+    n = int.from_bytes(request[:4], "little")
+    heads = orjson.loads(request[4:4 + n])
+    body, off, batches = request[4 + n:], 0, []
+    for *_, nbytes in heads:
+        batches.append(orjson.loads(body[off:off + nbytes]))
+        off += nbytes
+    assert off == len(body)
+    assert [h[:3] + h[5:7] for h in heads] == [
+        ["app", "018e00000000", "018e00000007", 7, ["a", "b", "z"]],
+        ["app", "018e0001a", "018e0001a", 1, ["a", "b"]],
+        ["other", "018e0000x", "018e0000x", 1, ["a", "b"]]]
+    assert heads[0][3:5] == [1.5, 8.5]
+    assert [r[0] for r in batches[0]] == [f"018e0000{i:04d}" for i in (0, 1, 2, 3, 4, 6, 7)]
+    assert batches[0][0] == _row(0) and batches[2] == [_row(1, app_id="other", id="018e0000x")]
+    many = pack([_row(i) for i in range(BATCH_ROWS + 1)])
+    assert [h[5] for h in orjson.loads(many[4:4 + int.from_bytes(many[:4], "little")])] == [
+        BATCH_ROWS, 1]
+    for bad in ([_row(3), _row(4, name=None)],          # not null
+                [_row(3), _row(4, data={"x": 1})],      # not text
+                [_row(3), _row(4, accepted_at="now")],  # not a number
+                [_row(3), _row(4)[:9]],                 # a column short
+                [_row(3), _row(4, channels="a")],       # channels is a list
+                [_row(3), _row(4, id="é")]):            # ids are ASCII
+        with pytest.raises(Poison):
+            pack(bad)
+    with pytest.raises(TypeError):
+        pack([_row(3, data="\ud800")])  # no UTF-8 encoding exists
+
+
+def test_sqlite_writer_commits_whole_requests_and_sorts_errors(tmp_path: Path) -> None:
+    """The writer child's C insert loop: a request commits whole or not at all; a malformed
+    request raises Poison (the caller isolates its rows), a database problem raises Transient
+    (it spills)."""
     path = tmp_path / "audit.db"
     missing = Writer(str(path))  # no schema yet: not the rows' fault
     with pytest.raises(Transient):
-        missing.write(orjson.dumps([["i0", "app", ["c"], "n", "d", None, "api", 1.5, None, None]]))
+        missing.write(pack([_row(0)]))
     missing.close()
     with sqlite3.connect(path) as db:
         db.executescript(_SCHEMA)
     w = Writer(str(path))
-
-    def row(i: int, **change: Any) -> list[Any]:
-        r = {"id": f"id{i}", "app_id": "app", "channels": ["a", "b"], "name": "n",
-             "data": "é", "socket_id": None, "source": "api", "accepted_at": 1.5 + i,
-             "user_id": None, "replay_of": None}
-        r.update(change)
-        return list(r.values())
-
-    w.write(orjson.dumps([row(1), row(2, socket_id="1.2", user_id="u")]))
-    w.write(orjson.dumps([row(1)]))  # the same id again: skipped, not an error
-    for bad in ([row(3), row(4, name=None)],          # NOT NULL
-                [row(3), row(4, data={"x": 1})],      # not text
-                [row(3), row(4, accepted_at="now")],  # not a number
-                [row(3), row(4)[:9]],                 # a column short
-                [row(3), row(4, channels="a")]):      # channels is a list
-        with pytest.raises(Poison):
-            w.write(orjson.dumps(bad))
-    with pytest.raises(ValueError):
-        w.write(b"[not json")
-    w.write(orjson.dumps([row(5)]))  # each refusal rolled back: the writer goes on
+    w.write(pack([_row(1), _row(2, socket_id="1.2", user_id="u")]))
+    good = pack([_row(5)])
+    n = int.from_bytes(good[:4], "little")
+    w.write(pack([]))  # nothing to write: a valid request all the same
+    for bad in (good[:3], good[:-1], good + b"x", good[:4] + b"{" + good[5:],
+                b"\x02\x00\x00\x00{}", good[:4 + n]):
+        with pytest.raises(ValueError):  # Poison, or JSONDecodeError
+            w.write(bad)
+    two = pack([_row(3), _row(4, app_id="other")])
+    hlen = int.from_bytes(two[:4], "little")
+    heads = orjson.loads(two[4:4 + hlen])
+    heads[1][5] = "many"  # the second batch is malformed: the first is rolled back with it
+    head = orjson.dumps(heads)
+    with pytest.raises(Poison):
+        w.write(len(head).to_bytes(4, "little") + head + two[4 + hlen:])
+    w.write(good)  # each refusal rolled back: the writer goes on
     w.close()
     with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT id, channels, data, socket_id, accepted_at, user_id "
-                          "FROM audit_events ORDER BY id").fetchall()
-        chans = db.execute("SELECT * FROM audit_event_channels ORDER BY 2, 3").fetchall()
-    # id3 of each refused batch was rolled back with it
-    assert rows == [("id1", '["a","b"]', "é", None, 2.5, None),
-                    ("id2", '["a","b"]', "é", "1.2", 3.5, "u"),
-                    ("id5", '["a","b"]', "é", None, 6.5, None)]
-    assert chans == [("app", ch, f"id{i}") for ch in "ab" for i in (1, 2, 5)]
+        batches = db.execute("SELECT app_id, first_id, last_id, first_at, last_at, count, "
+                             "channels, rows FROM audit_batches ORDER BY seq").fetchall()
+        chans = db.execute("SELECT * FROM audit_batch_channels ORDER BY 2, 4").fetchall()
+    assert [b[:7] for b in batches] == [
+        ("app", "018e00000001", "018e00000002", 2.5, 3.5, 2, '["a","b"]'),
+        ("app", "018e00000005", "018e00000005", 6.5, 6.5, 1, '["a","b"]')]
+    assert orjson.loads(batches[0][7]) == [_row(1), _row(2, socket_id="1.2", user_id="u")]
+    assert chans == [("app", ch, last, seq) for ch in "ab"
+                     for last, seq in (("018e00000002", 1), ("018e00000005", 2))]
+
+
+# schema version 2 (one row per event), as files made before batches hold it
+_SCHEMA_V2 = """
+CREATE TABLE audit_schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL);
+INSERT INTO audit_schema_version VALUES (2, 0);
+CREATE TABLE audit_events (
+    id TEXT PRIMARY KEY, app_id TEXT NOT NULL, channels TEXT NOT NULL, name TEXT NOT NULL,
+    data TEXT NOT NULL, socket_id TEXT, source TEXT NOT NULL, accepted_at REAL NOT NULL,
+    user_id TEXT, replay_of TEXT);
+CREATE INDEX audit_events_app_id ON audit_events (app_id, id);
+CREATE TABLE audit_event_channels (
+    app_id TEXT NOT NULL, channel TEXT NOT NULL, event_id TEXT NOT NULL,
+    PRIMARY KEY (app_id, channel, event_id)) WITHOUT ROWID;
+"""
 
 
 @pytest.mark.parametrize("make_log", ["sqlite"], indirect=True)
-async def test_sqlite_version_1_file_migrates_and_retention_walks_rowids(
-        make_log: MakeLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file made by schema version 1 loses its accepted_at index on open. Retention deletes
-    old rows in insertion order without it; an old row written late (a journal replay) goes
-    once the rows around it are old too, and a newer row in between does not stop the pass."""
+async def test_sqlite_version_2_file_migrates_to_batches(make_log: MakeLog,
+                                                         tmp_path: Path) -> None:
+    """A file of schema version 2 (a row per event) moves into batches on open, every field
+    intact (accepted_at to the last bit), grouped as the writer groups new rows; the view
+    audit_events still shows a row per event."""
+    now = time.time()
+    events = ([ev(i=i, channels=["a", "b"] if i % 3 else ["a"], name=f"n{i % 2}",
+                  accepted_at=now - 3600 + i * 0.001) for i in range(BATCH_ROWS + 200)]
+              + [ev(app="other", i=i, accepted_at=now - 60 + i) for i in range(3)])
+    events[7].user_id = "u7"
     with sqlite3.connect(tmp_path / "audit.sqlite3") as db:
-        db.executescript(_SCHEMA.replace(
-            "DROP INDEX IF EXISTS audit_events_accepted_at;",
-            "CREATE INDEX IF NOT EXISTS audit_events_accepted_at ON audit_events (accepted_at);"))
+        db.executescript(_SCHEMA_V2)
+        for e in events:
+            row = e.audit_row(None)
+            db.execute("INSERT INTO audit_events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       row[:2] + (orjson.dumps(row[2]).decode(),) + row[3:])
+            db.executemany("INSERT INTO audit_event_channels VALUES (?, ?, ?)",
+                           [(e.app_id, ch, e.id) for ch in e.channels])
+    log = make_log()
+    await log.start()
+    app_events = events[:-3]
+    assert await count_all(log) == sorted(e.id for e in app_events)
+    assert await count_all(log, "other") == [e.id for e in events[-3:]]
+    got = await log.get("app", events[7].id)
+    assert got == {"id": events[7].id, "app_id": "app", "channels": ["a", "b"], "name": "n1",
+                   "data": '{"i":7}', "socket_id": "1.2", "source": "api",
+                   "accepted_at": events[7].accepted_at, "user_id": "u7", "replay_of": None}
+    b = await log.query("app", channel="b", limit=1000)
+    assert [r["id"] for r in b] == sorted((e.id for e in app_events if "b" in e.channels),
+                                          reverse=True)[:1000]
+    since = events[500].accepted_at
+    assert [r["id"] for r in await log.query("app", since=since, limit=1000)] == sorted(
+        (e.id for e in app_events if e.accepted_at >= since), reverse=True)
+    with sqlite3.connect(tmp_path / "audit.sqlite3") as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert "audit_events" not in tables and "audit_event_channels" not in tables
+        assert db.execute("SELECT max(version) FROM audit_schema_version").fetchone()[0] == 3
+        counts = db.execute("SELECT app_id, count FROM audit_batches ORDER BY seq").fetchall()
+        assert sorted(counts) == [("app", 200), ("app", BATCH_ROWS), ("other", 3)]
+        assert db.execute("SELECT count(*), count(DISTINCT id) FROM audit_events "
+                          "WHERE app_id = 'app'").fetchone() == (len(app_events),) * 2
+
+
+@pytest.mark.parametrize("make_log", ["sqlite"], indirect=True)
+async def test_sqlite_retention_walks_batches_in_commit_order(
+        make_log: MakeLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention deletes whole batches, each once every row in it is old, in commit order
+    without an index on time: an old batch committed late (a journal replay) goes once the
+    batches around it are old too, and a newer batch in between does not stop the pass."""
     log = make_log(retention_days=7)
     await log.start()
     now = time.time()
     old = [ev(i=i, accepted_at=now - 10 * DAY + i) for i in range(3)]
-    skewed = ev(i=99, accepted_at=now - DAY)  # written between old rows: kept, passed over
+    skewed = [ev(i=99, accepted_at=now - 2 * DAY)]  # committed between old batches: kept
     more_old = [ev(i=i, accepted_at=now - 9 * DAY + i) for i in range(3)]
-    new = [ev(i=i, accepted_at=now - 1 * DAY + i) for i in range(3)]
-    late = ev(i=7, accepted_at=now - 20 * DAY)  # a replayed journal's row, written after `new`
-    for e in old + [skewed] + more_old + new + [late]:
-        assert log.record(e)
-    await log.flush()
-    with sqlite3.connect(tmp_path / "audit.sqlite3") as db:
-        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        assert "audit_events_accepted_at" not in names and "audit_events_app_id" in names
-        assert db.execute("SELECT max(version) FROM audit_schema_version").fetchone()[0] == 2
-    monkeypatch.setattr(audit_sqlite, "_RETENTION_CHUNK", 2)  # the pass ends in a chunk of new rows
+    new = [[ev(i=i, accepted_at=now - DAY + i * 3600)] for i in range(3)]
+    late = [ev(i=7, accepted_at=now - 20 * DAY)]  # a replayed journal's row, committed last
+    for group in (old, skewed, more_old, *new, late):  # a batch each, in this order
+        for e in group:
+            assert log.record(e)
+        await log.flush()
+    monkeypatch.setattr(audit_sqlite, "_RETENTION_CHUNK", 2)  # the pass ends in a chunk of new
     assert await log.apply_retention(now=now) == 6
-    assert await count_all(log) == [skewed.id] + [e.id for e in new] + [late.id]
+    assert await count_all(log) == [e.id for e in late + skewed + [g[0] for g in new]]
     assert await log.apply_retention(now=now + 7 * DAY) == 5  # all old now, the late row too
     assert await count_all(log) == []
+
+
+@pytest.mark.parametrize("make_log", ["sqlite"], indirect=True)
+async def test_sqlite_batches_of_two_workers_overlap_and_read_in_id_order(
+        make_log: MakeLog, tmp_path: Path) -> None:
+    """Two workers write one file; their batches' id ranges interleave. Every page, with and
+    without a channel, is exactly the next newest ids, and each event is found by its id."""
+    a, b = make_log(journal=False), make_log(journal=False)
+    await a.start()
+    await b.start()
+    events = []
+    for i in range(60):
+        e = ev(channels=["odd" if i % 2 else "even", "all"], i=i)
+        events.append(e)
+        log = a if i % 2 else b
+        assert log.record(e)
+        if i % 10 == 9:
+            await a.flush()  # a batch every 5 of a's events ...
+        if i % 14 == 13:
+            await b.flush()  # ... and every 7 of b's
+        await asyncio.sleep(0.0005)
+    await a.flush()
+    await b.flush()
+    with sqlite3.connect(tmp_path / "audit.sqlite3") as db:
+        assert db.execute("SELECT count(*) FROM audit_batches").fetchone()[0] >= 10
+    for channel in (None, "all", "odd"):
+        want = [e.id for e in events if channel in (None, *e.channels)][::-1]
+        for limit in (1, 3, 7, 100):
+            seen: list[str] = []
+            before = None
+            while page := await a.query("app", channel=channel, limit=limit, before=before):
+                seen.extend(r["id"] for r in page)
+                before = page[-1]["id"]
+            assert seen == want, (channel, limit)
+    for e in events:
+        got = await b.get("app", e.id)
+        assert got is not None and got["data"] == e.data
+
+
+@pytest.mark.parametrize("make_log", ["sqlite"], indirect=True)
+async def test_sqlite_replayed_rows_already_stored_are_skipped(make_log: MakeLog,
+                                                               tmp_path: Path) -> None:
+    """Rows that may be stored already (a journal replayed, a spill written back) are looked
+    up first: each is stored once. Rows recorded again through the queue are not looked up
+    (that costs a read per batch); the API returns them once all the same."""
+    log = make_log()
+    await log.start()
+    events = [ev(i=i) for i in range(30)]
+    for e in events:
+        assert log.record(e)
+    await log.flush()
+    rows = [list(e.audit_row(None)) for e in events]
+    assert await log._write_db(rows[10:] + [list(ev(i=99).audit_row(None))], again=True) == []
+    await log._write_db(rows[:5])  # not `again`: written as they come
+    with sqlite3.connect(tmp_path / "audit.sqlite3") as db:
+        ids = [r[0] for r in db.execute("SELECT id FROM audit_events")]
+    assert len(ids) == 36 and len(set(ids)) == 31
+    assert len(await count_all(log)) == 31
 
 
 @pytest.mark.parametrize("make_log", ["sqlite"], indirect=True)

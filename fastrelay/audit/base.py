@@ -138,8 +138,9 @@ class AuditLog(ABC):
         """Connects and migrates the schema; may raise an 'unavailable' error."""
 
     @abstractmethod
-    async def _write(self, rows: list[Row]) -> None:
-        """Writes rows in one transaction; rows already present (same id) are skipped."""
+    async def _write(self, rows: list[Row], again: bool = False) -> None:
+        """Writes rows in one transaction. `again`: some may be stored already (a journal
+        replayed, a spill written back after an ambiguous failure); those are skipped."""
 
     @abstractmethod
     async def _close(self) -> None: ...
@@ -405,7 +406,7 @@ class AuditLog(ABC):
                 for i in range(0, len(rows), self.batch_rows):
                     left = rows[i:i + self.batch_rows]
                     if self._db_ok and not self._spill.pending:
-                        left = await self._write_db(left)  # idempotent by id
+                        left = await self._write_db(left, again=True)
                     if left:
                         await self._in_io(self._spill.append, left)
                         self.stats.spilled_rows += len(left)
@@ -439,18 +440,18 @@ class AuditLog(ABC):
         self.stats.spilled_rows += len(rows)
         self._mark_durable(len(rows))
 
-    async def _write_db(self, rows: list[Any]) -> list[Any]:
+    async def _write_db(self, rows: list[Any], again: bool = False) -> list[Any]:
         """Writes rows; returns those left unwritten because the database is unavailable."""
         t0 = time.perf_counter()
         try:
-            await self._write(rows)
+            await self._write(rows, again)
         except Exception as exc:
             self.stats.write_errors += 1
             if not self._is_poison(exc):
                 log.warning("audit: %s write failed (%r); spilling", self.backend, exc)
                 self._failed()
                 return rows
-            return await self._isolate_poison(rows, exc)
+            return await self._isolate_poison(rows, exc, again)
         dt = time.perf_counter() - t0
         s = self.stats
         s.rows_written += len(rows)
@@ -462,13 +463,14 @@ class AuditLog(ABC):
         self._backoff = self.retry_interval
         return []
 
-    async def _isolate_poison(self, rows: list[Any], exc: BaseException) -> list[Any]:
+    async def _isolate_poison(self, rows: list[Any], exc: BaseException,
+                              again: bool) -> list[Any]:
         """Writes rows one by one to find the invalid ones, which go to audit.rejected.jsonl."""
         log.error("audit: batch of %d refused (%r); isolating invalid rows", len(rows), exc)
         bad = []
         for i, row in enumerate(rows):
             try:
-                await self._write([row])
+                await self._write([row], again)
             except Exception as e:
                 if not self._is_poison(e):
                     self._failed()
@@ -508,7 +510,7 @@ class AuditLog(ABC):
                     self._failed()
                     return
             rows, end = await self._in_io(self._spill.read, self.batch_rows)
-            left = await self._write_db(rows)
+            left = await self._write_db(rows, again=True)
             if left:
                 return
             self.stats.replayed_rows += len(rows)

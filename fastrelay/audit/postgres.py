@@ -183,7 +183,8 @@ class PostgresAuditLog(AuditLog):
 
     # ---- writes ------------------------------------------------------------------------
 
-    async def _write(self, rows: list[Row]) -> None:
+    async def _write(self, rows: list[Row], again: bool = False) -> None:
+        # `again` needs nothing more: ON CONFLICT (id) DO NOTHING skips rows already stored
         await self._open()
         pool = self._pool
         assert pool is not None

@@ -1,19 +1,23 @@
 """SQLite audit backend for single-node deployments (stdlib sqlite3).
 
-Batches are committed by a child process (`sqlite_writer.py`: one executemany transaction
-with INSERT OR IGNORE by id), so no thread of the worker runs the batch writes beside its
-event loop. Schema setup and retention use a connection on a thread (rare, off the hot path);
-queries use another, which WAL mode lets run alongside writes.
+Events are stored in batches (audit/_sqlite.pyx): a row of audit_batches holds up to 1,000
+rows of one app whose ids share their first 8 characters, as one JSON array, with the bounds
+queries select by (ids, accepted_at); audit_batch_channels indexes each batch under every
+channel it names, newest first. The batches are committed by a child process
+(`sqlite_writer.py`), so no thread of the worker runs the writes beside its event loop.
+Schema setup and retention use a connection on a thread (rare, off the hot path); queries use
+another, which WAL mode lets run alongside writes.
 
-Channel filter: a side table audit_event_channels(app_id, channel, event_id) whose primary
-key is exactly the lookup (app, channel, newest ids first), so a channel query is an index
-range scan. LIKE over a JSON text column would scan every row of the app and needs escaping
-to avoid false matches ("a" inside "ab").
+A query walks the batches its bounds select, newest last id first, decodes them and keeps
+the rows that match, until no batch left can hold a row newer than those it has. An event
+written twice (a journal replayed after its batch committed) is stored twice and returned
+once. The view audit_events shows one row per stored event, for ad-hoc SQL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import sqlite3
 import sys
 import time
@@ -24,40 +28,66 @@ from typing import Any
 import orjson
 
 from .._core import event_id_floor
+from ._sqlite import BATCH_ROWS, PREFIX, pack
 from .base import COLUMNS, MAX_QUERY_LIMIT, AuditLog, Row
 from .sqlite_writer import FRAME, POISON, connect
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_schema_version (
     version INTEGER PRIMARY KEY,
     applied_at REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS audit_events (
-    id TEXT PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS audit_batches (
+    seq INTEGER PRIMARY KEY,  -- commit order: retention walks it
     app_id TEXT NOT NULL,
-    channels TEXT NOT NULL,  -- JSON array, for display; filtering uses audit_event_channels
-    name TEXT NOT NULL,
-    data TEXT NOT NULL,
-    socket_id TEXT,
-    source TEXT NOT NULL,
-    accepted_at REAL NOT NULL,
-    user_id TEXT,
-    replay_of TEXT
+    first_id TEXT NOT NULL,
+    last_id TEXT NOT NULL,
+    first_at REAL NOT NULL,  -- the rows' least and greatest accepted_at
+    last_at REAL NOT NULL,
+    count INTEGER NOT NULL,
+    channels TEXT NOT NULL,  -- JSON array: the channels its rows name
+    rows BLOB NOT NULL  -- JSON array of rows, base.COLUMNS
 );
-CREATE INDEX IF NOT EXISTS audit_events_app_id ON audit_events (app_id, id);
--- version 1 indexed accepted_at for retention alone; retention walks rowids instead, and the
--- index cost the writer ~0.6 us of its ~5 us per row
-DROP INDEX IF EXISTS audit_events_accepted_at;
-CREATE TABLE IF NOT EXISTS audit_event_channels (
+CREATE INDEX IF NOT EXISTS audit_batches_app ON audit_batches (app_id, last_id, first_id);
+CREATE TABLE IF NOT EXISTS audit_batch_channels (
     app_id TEXT NOT NULL,
     channel TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    PRIMARY KEY (app_id, channel, event_id)
+    last_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (app_id, channel, last_id, seq)
 ) WITHOUT ROWID;
 """
-_SELECT = "SELECT " + ", ".join("e." + c for c in COLUMNS)
-_RETENTION_CHUNK = 5000  # rows per transaction: keeps the write lock short
+# Versions 1 and 2 stored a row per event (audit_events, audit_event_channels). Their rows
+# move into batches in one transaction, grouped as the writer groups them (accepted_at is
+# printed with 17 digits: JSON's default 15 would round it).
+_MIGRATE_ROWS = f"""
+INSERT INTO audit_batches (app_id, first_id, last_id, first_at, last_at, count, channels, rows)
+SELECT app_id, min(id), max(id), min(accepted_at), max(accepted_at), count(*), '[]',
+       json_group_array(json_array(id, app_id, json(channels), name, data, socket_id, source,
+                                   json(printf('%!.17g', accepted_at)), user_id, replay_of))
+FROM (SELECT *, (row_number() OVER (PARTITION BY app_id, substr(id, 1, {PREFIX}) ORDER BY id)
+                 - 1) / {BATCH_ROWS} AS chunk
+      FROM audit_events)
+GROUP BY app_id, substr(id, 1, {PREFIX}), chunk;
+UPDATE audit_batches SET channels = (
+    SELECT json_group_array(DISTINCT c.value)
+    FROM json_each(audit_batches.rows) r, json_each(r.value, '$[2]') c);
+INSERT INTO audit_batch_channels
+SELECT b.app_id, c.value, b.last_id, b.seq FROM audit_batches b, json_each(b.channels) c;
+DROP TABLE audit_event_channels;
+DROP TABLE audit_events;
+"""
+_VIEW = """
+CREATE VIEW IF NOT EXISTS audit_events AS
+SELECT json_extract(r.value, '$[0]') AS id, b.app_id AS app_id,
+       json_extract(r.value, '$[2]') AS channels, json_extract(r.value, '$[3]') AS name,
+       json_extract(r.value, '$[4]') AS data, json_extract(r.value, '$[5]') AS socket_id,
+       json_extract(r.value, '$[6]') AS source, json_extract(r.value, '$[7]') AS accepted_at,
+       json_extract(r.value, '$[8]') AS user_id, json_extract(r.value, '$[9]') AS replay_of
+FROM audit_batches b, json_each(b.rows) r;
+"""
+_RETENTION_CHUNK = 500  # batches per transaction: keeps the write lock short
 
 
 class SqliteAuditLog(AuditLog):
@@ -95,8 +125,20 @@ class SqliteAuditLog(AuditLog):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = connect(self.path)
             conn.executescript(_SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO audit_schema_version VALUES (?, ?)",
-                         (_SCHEMA_VERSION, time.time()))
+            conn.execute("BEGIN IMMEDIATE")  # one worker migrates; the others wait, then see it
+            try:
+                if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                "AND name = 'audit_events'").fetchone():
+                    for statement in _MIGRATE_ROWS.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                conn.execute("INSERT OR IGNORE INTO audit_schema_version VALUES (?, ?)",
+                             (_SCHEMA_VERSION, time.time()))
+                conn.execute(_VIEW)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
             return conn
 
         wconn = await self._on(self._wx, open_write)
@@ -115,55 +157,89 @@ class SqliteAuditLog(AuditLog):
                 ex.shutdown(wait=True)
         self._wx = self._rx = None
 
-    async def _write(self, rows: list[Row]) -> None:
+    async def _write(self, rows: list[Row], again: bool = False) -> None:
         await self._open()  # the schema exists before the writer's first insert
+        if again:
+            conn = self._rconn
+            assert conn is not None
+            rows = await self._on(self._rx, _unstored, conn, rows)
         await self._writer.write(rows)
 
     async def query(self, app_id: str, channel: str | None = None, event: str | None = None,
                     since: float | None = None, until: float | None = None, limit: int = 100,
                     before: str | None = None) -> list[dict[str, Any]]:
+        limit = max(1, min(limit, MAX_QUERY_LIMIT))
+        # the batches that can hold a match, newest last id first; the rows decide
         args: list[Any]
         if channel is not None:
-            sql = (f"{_SELECT} FROM audit_event_channels c JOIN audit_events e "
-                   "ON e.id = c.event_id WHERE c.app_id = ? AND c.channel = ?")
+            sql = ("SELECT b.last_id, b.rows FROM audit_batch_channels c "
+                   "JOIN audit_batches b ON b.seq = c.seq WHERE c.app_id = ? AND c.channel = ?")
             args = [app_id, channel]
-            id_col = "c.event_id"
+            last = "c.last_id"
         else:
-            sql = f"{_SELECT} FROM audit_events e WHERE e.app_id = ?"
+            sql = "SELECT b.last_id, b.rows FROM audit_batches b WHERE b.app_id = ?"
             args = [app_id]
-            id_col = "e.id"
-        if event is not None:
-            sql += " AND e.name = ?"
-            args.append(event)
+            last = "b.last_id"
         if since is not None:
-            # the id bound keeps the walk short (ids sort by time); accepted_at decides
-            sql += f" AND {id_col} >= ? AND e.accepted_at >= ?"
+            # ids sort by time: a batch holding a row accepted since then ends above the floor
+            sql += f" AND {last} >= ? AND b.last_at >= ?"
             args += [event_id_floor(since), since]
         if until is not None:
-            sql += " AND e.accepted_at < ?"
+            sql += " AND b.first_at < ?"
             args.append(until)
         if before is not None:
-            sql += f" AND {id_col} < ?"
+            sql += " AND b.first_id < ?"
             args.append(before)
-        sql += f" ORDER BY {id_col} DESC LIMIT ?"
-        args.append(max(1, min(limit, MAX_QUERY_LIMIT)))
+        sql += f" ORDER BY {last} DESC"
+
+        def keep(r: list[Any]) -> bool:
+            return ((channel is None or channel in r[2]) and (event is None or r[3] == event)
+                    and (since is None or r[7] >= since) and (until is None or r[7] < until)
+                    and (before is None or r[0] < before))
+
+        def run(conn: sqlite3.Connection) -> list[list[Any]]:
+            found: dict[str, list[Any]] = {}  # by id: an event stored twice is returned once
+            least = None  # the least id among the newest `limit` found
+            for last_id, blob in conn.execute(sql, args):
+                if least is not None and last_id < least:
+                    break  # this batch and every later one hold only older ids
+                for r in orjson.loads(blob):
+                    if keep(r):
+                        found[r[0]] = r
+                if len(found) >= limit:
+                    newest = heapq.nlargest(limit, found)
+                    found = {i: found[i] for i in newest}
+                    least = newest[-1]
+            return [found[i] for i in heapq.nlargest(limit, found)]
+
         await self._open()
         conn = self._rconn
         assert conn is not None
-        rows = await self._on(self._rx, lambda: conn.execute(sql, args).fetchall())
+        rows = await self._on(self._rx, run, conn)
         return [_as_dict(r) for r in rows]
 
     async def get(self, app_id: str, event_id: str) -> dict[str, Any] | None:
+        # the batch holding it ends at or above it, within its prefix (DEL is above any id
+        # character)
+        def run(conn: sqlite3.Connection) -> list[Any] | None:
+            for (blob,) in conn.execute(
+                    "SELECT rows FROM audit_batches WHERE app_id = ? AND last_id >= ? "
+                    "AND last_id < ? AND first_id <= ?",
+                    (app_id, event_id, event_id[:PREFIX] + "\x7f", event_id)):
+                for r in orjson.loads(blob):
+                    if r[0] == event_id:
+                        return r
+            return None
+
         await self._open()
         conn = self._rconn
         assert conn is not None
-        row = await self._on(self._rx, lambda: conn.execute(
-            f"{_SELECT} FROM audit_events e WHERE e.id = ? AND e.app_id = ?",
-            (event_id, app_id)).fetchone())
+        row = await self._on(self._rx, run, conn)
         return None if row is None else _as_dict(row)
 
     async def apply_retention(self, now: float | None = None) -> int:
-        """Deletes rows older than retention_days in short transactions; returns how many."""
+        """Deletes batches whose every row is older than retention_days, in short
+        transactions; returns how many rows they held."""
         if self.retention_days <= 0:
             return 0
         await self._open()
@@ -172,28 +248,29 @@ class SqliteAuditLog(AuditLog):
         cutoff = (time.time() if now is None else now) - self.retention_days * 86_400
 
         def delete_chunk(after: int) -> tuple[int, int]:
-            # Oldest first in insertion order (rowid order is time order, but for rows a
-            # journal replay wrote late, which go once their neighbours are old), no index
-            # on accepted_at: a pass costs what it deletes, plus one chunk.
-            rows = conn.execute("SELECT rowid, id, app_id, channels, accepted_at "
-                                "FROM audit_events WHERE rowid > ? ORDER BY rowid LIMIT ?",
-                                (after, _RETENTION_CHUNK)).fetchall()
-            old = [r for r in rows if r[4] < cutoff]
+            # Oldest first in commit order (time order, but for batches a journal replay
+            # wrote late, which go once their neighbours are old), with no index on time: a
+            # pass costs what it deletes, plus one chunk.
+            batches = conn.execute(
+                "SELECT seq, app_id, last_id, channels, last_at, count FROM audit_batches "
+                "WHERE seq > ? ORDER BY seq LIMIT ?", (after, _RETENTION_CHUNK)).fetchall()
+            old = [b for b in batches if b[4] < cutoff]
             if not old:
                 return 0, after
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.executemany(
-                    "DELETE FROM audit_event_channels "
-                    "WHERE app_id = ? AND channel = ? AND event_id = ?",
-                    [(app, ch, eid) for _, eid, app, chs, _ in old for ch in orjson.loads(chs)])
-                conn.executemany("DELETE FROM audit_events WHERE rowid = ?",
-                                 [(r[0],) for r in old])
+                    "DELETE FROM audit_batch_channels "
+                    "WHERE app_id = ? AND channel = ? AND last_id = ? AND seq = ?",
+                    [(app, ch, last, seq) for seq, app, last, chs, _, _ in old
+                     for ch in orjson.loads(chs)])
+                conn.executemany("DELETE FROM audit_batches WHERE seq = ?",
+                                 [(b[0],) for b in old])
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
-            return len(old), rows[-1][0]
+            return sum(b[5] for b in old), batches[-1][0]
 
         total, after = 0, 0
         while True:
@@ -213,7 +290,7 @@ class WriterProcess:
         self._lock = asyncio.Lock()
 
     async def write(self, rows: list[Row]) -> None:
-        payload = orjson.dumps(rows)  # TypeError here is poison, as in the writer
+        payload = pack(rows)  # Poison (a ValueError) or TypeError: invalid rows
         async with self._lock:
             proc = self._proc
             if proc is None or proc.returncode is not None:
@@ -256,7 +333,32 @@ class WriterProcess:
                 await proc.wait()
 
 
-def _as_dict(r: tuple[Any, ...]) -> dict[str, Any]:
-    d = dict(zip(COLUMNS, r, strict=True))
-    d["channels"] = orjson.loads(d["channels"])
-    return d
+def _unstored(conn: sqlite3.Connection, rows: list[Row]) -> list[Row]:
+    """The rows not stored yet. Only journal replays and spill write-backs can repeat rows,
+    and only this process writes those, so nothing else stores them between this look and
+    the write. Invalid rows are kept: the writer refuses them."""
+    by_app: dict[str, list[str]] = {}
+    for r in rows:
+        key = _key(r)
+        if key is not None:
+            by_app.setdefault(key[0], []).append(key[1])
+    stored: set[tuple[str, str]] = set()
+    for app, ids in by_app.items():
+        lo, hi = min(ids), max(ids)
+        for (blob,) in conn.execute(
+                "SELECT rows FROM audit_batches WHERE app_id = ? AND last_id >= ? "
+                "AND last_id < ? AND first_id <= ?", (app, lo, hi[:PREFIX] + "\x7f", hi)):
+            stored.update((app, r[0]) for r in orjson.loads(blob))
+    return [r for r in rows if _key(r) not in stored]
+
+
+def _key(r: Any) -> tuple[str, str] | None:
+    """(app_id, id) of a well-formed row."""
+    if isinstance(r, (list, tuple)) and len(r) > 1 and isinstance(r[0], str) \
+            and isinstance(r[1], str):
+        return r[1], r[0]
+    return None
+
+
+def _as_dict(r: list[Any]) -> dict[str, Any]:
+    return dict(zip(COLUMNS, r, strict=True))

@@ -5,10 +5,10 @@ with the event loop on every SQLite call; the futex hand-offs and the loop's wai
 GIL cost more CPU than the whole request path and put milliseconds on delivery latency. A
 child process shares nothing with the loop: the worker sends a batch down a pipe and reads
 one answer back. The inserts run on the SQLite C API (_sqlite.pyx): through the stdlib module
-the Python glue per row cost more than SQLite's own work.
+the Python glue cost more than SQLite's own work.
 
 Protocol on stdin/stdout, each message a little-endian u32 length and its bytes:
-  request: orjson array of rows (the layout in base.py)
+  request: the rows' batches, as _sqlite.pack lays them out
   answer:  b"K" (committed), b"P" + message (rows invalid: the caller isolates them),
            b"T" + message (transient: the caller spills and retries)
 The writer exits at end of input (the worker closed the pipe or died).
