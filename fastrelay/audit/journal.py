@@ -23,8 +23,8 @@ created under a temporary name, locked, and only then renamed to `.wal`, so anot
 never sees an unlocked live segment. On start, any `.wal` that can be locked is an orphan (its
 writer is gone: a killed worker of any slot, an old generation after a reload, or a stop that
 could not flush): the new process replays it into the database (or its own fsync'd spill file)
-and deletes it. Rows are idempotent by primary key, so a row replayed that was already written
-lands exactly once.
+and deletes it. A replayed row that was already written lands once all the same: SQLite looks
+it up first, PostgreSQL ignores it by its primary key.
 
 Reclaiming space: a segment is rotated when the next frame does not fit in `rotate_bytes`,
 and also once everything recorded so far is durable and it has grown past `truncate_bytes`; a
@@ -45,7 +45,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from ._journal import FrameWriter
+from ._journal import FrameWriter, JournalBase
 from .spill import loads, read_frame
 
 log = logging.getLogger("fastrelay.audit")
@@ -57,7 +57,10 @@ _counter = itertools.count()
 Segment = tuple[int, Path, mmap.mmap]  # fd, path, its mapping
 
 
-class Journal:
+class Journal(JournalBase):
+    """A process's journal. `append` (the hot path: one frame into the live segment) and the
+    `_out`/`appended` state it uses are in C (`_journal.JournalBase`)."""
+
     def __init__(self, directory: Path, *, rotate_bytes: int = 4 << 20,
                  truncate_bytes: int = 1 << 20) -> None:
         self.dir = Path(directory)
@@ -65,9 +68,7 @@ class Journal:
         self.truncate_bytes = truncate_bytes
         self.fd = -1
         self.path: Path | None = None
-        self.map: mmap.mmap | None = None  # the live segment
-        self._out: FrameWriter | None = None  # appends to it, from C
-        self.appended = 0  # rows appended over the journal's life (positions for durability)
+        self.map: mmap.mmap | None = None  # the live segment, appended to by self._out
         self._closed: deque[tuple[int, Segment]] = deque()  # (end position, segment)
 
     # ---- hot path (event loop thread) -----------------------------------------------------
@@ -76,17 +77,6 @@ class Journal:
     def size(self) -> int:
         """Bytes used in the live segment."""
         return self._out.size if self._out is not None else 0
-
-    def append(self, payload: bytes) -> bool:
-        """Frames one payload into the live segment (in C: `_journal.FrameWriter`); False
-        (nothing appended) when a new segment was needed and the disk refused it."""
-        out = self._out
-        if out is None or not out.put(payload):
-            # a new segment is sized for the frame; an empty payload can never be framed
-            if not self._rotate(len(payload) + 8) or not self._out.put(payload):  # type: ignore[union-attr]
-                return False
-        self.appended += 1
-        return True
 
     def release(self, durable: int) -> list[Segment]:
         """`durable` rows (in append order) are in the database or the spill file. Returns
