@@ -78,29 +78,29 @@ class AppManager:
     """Looks apps up by id (HTTP API) and by key (WebSocket, intake)."""
 
     def __init__(self, apps: list[App]) -> None:
-        self._by_id: dict[str, App] = {}
+        self.ids: dict[str, App] = {}  # by id: the compiled trigger reads it directly
         self._by_key: dict[str, App] = {}
         for app in apps:
             self.add(app)
 
     def add(self, app: App) -> None:
-        self._by_id[app.id] = app
+        self.ids[app.id] = app
         self._by_key[app.key] = app
 
     def by_id(self, app_id: str) -> App | None:
-        return self._by_id.get(app_id)
+        return self.ids.get(app_id)
 
     def by_key(self, key: str) -> App | None:
         return self._by_key.get(key)
 
     def all(self) -> list[App]:
-        return list(self._by_id.values())
+        return list(self.ids.values())
 
     def replace(self, apps: list[App]) -> None:
         """Swaps the whole set at once (a refresh from PostgreSQL); open sockets keep theirs."""
         by_id = {a.id: a for a in apps}
         by_key = {a.key: a for a in apps}
-        self._by_id, self._by_key = by_id, by_key
+        self.ids, self._by_key = by_id, by_key
 
 
 def new_app(name: str = "") -> App:

@@ -27,6 +27,7 @@ from ._core import (
     valid_socket_id,
     verify_hmac,
 )
+from ._core import admit as _core_admit
 from .apps import App
 from .audit.base import MAX_QUERY_LIMIT
 from .errors import HttpError
@@ -73,12 +74,9 @@ class Intake:
             raise HttpError(429, f"rate limit of {app.rate_limit:g} events per second exceeded",
                             headers)
 
-    def admit(self, events: list[Event], replay_of: str | None = None) -> None:
-        """Intake's last step, for every API: audit and bus (Node.accept), or 503 when the
-        audit cannot take them; then the observers are told."""
-        if not self.node.accept(events, replay_of):
-            raise HttpError(503, "the audit queue is full; retry shortly", [("Retry-After", "1")])
-        self.accepted(events)
+    # admit(events, replay_of=None): Node.accept, or HttpError 503 when the audit cannot
+    # take them; then the observers. Compiled: the last step of every API, for every event.
+    admit = _core_admit
 
     def accepted(self, events: list[Event]) -> None:
         """Tells observers about accepted events (the console's own publish comes here too)."""

@@ -531,10 +531,11 @@ async def test_sqlite_version_2_file_migrates_to_batches(make_log: MakeLog,
     """A file of schema version 2 (a row per event) moves into batches on open, every field
     intact (accepted_at to the last bit), grouped as the writer groups new rows; the view
     audit_events still shows a row per event."""
-    now = time.time()
+    # an hour ago, at the start of an id prefix's 65.5 s (2**16 ms), so the batches are known
+    t0 = (((int(time.time() * 1000) >> 16) - 55) << 16) / 1000 + 1
     events = ([ev(i=i, channels=["a", "b"] if i % 3 else ["a"], name=f"n{i % 2}",
-                  accepted_at=now - 3600 + i * 0.001) for i in range(BATCH_ROWS + 200)]
-              + [ev(app="other", i=i, accepted_at=now - 60 + i) for i in range(3)])
+                  accepted_at=t0 + i * 0.001) for i in range(BATCH_ROWS + 200)]
+              + [ev(app="other", i=i, accepted_at=t0 + 10 + i) for i in range(3)])
     events[7].user_id = "u7"
     with sqlite3.connect(tmp_path / "audit.sqlite3") as db:
         db.executescript(_SCHEMA_V2)

@@ -159,9 +159,7 @@ class Console:
         event.source = "console"
         if self.node.draining:
             raise HttpError(503, "draining")
-        if not self.node.accept([event]):
-            raise HttpError(503, "the audit queue is full; retry shortly")
-        self.node.intake.accepted([event])
+        self.node.intake.admit([event])
         reply(conn, req, 200, {"id": event.id, "accepted_at": event.accepted_at})
 
 
