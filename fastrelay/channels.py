@@ -23,30 +23,30 @@ __all__ = ["CACHE", "ENCRYPTED", "MAX_CHANNEL_NAME", "PRESENCE", "PRIVATE", "USE
 class ChannelTable:
     """The channels that have local subscribers, per app. A channel exists while occupied."""
 
-    __slots__ = ("_channels",)
+    __slots__ = ("entries",)
 
     def __init__(self) -> None:
-        self._channels: dict[tuple[str, str], Channel] = {}
+        self.entries: dict[tuple[str, str], Channel] = {}  # fan-out reads it from C
 
     def get(self, app_id: str, name: str) -> Channel | None:
-        return self._channels.get((app_id, name))
+        return self.entries.get((app_id, name))
 
     def get_or_create(self, app_id: str, name: str) -> tuple[Channel, bool]:
-        ch = self._channels.get((app_id, name))
+        ch = self.entries.get((app_id, name))
         if ch is not None:
             return ch, False
         ch = Channel(app_id, name, kind_of(name))
-        self._channels[(app_id, name)] = ch
+        self.entries[(app_id, name)] = ch
         return ch, True
 
     def remove_if_empty(self, ch: Channel) -> bool:
         if ch.members:
             return False
-        self._channels.pop((ch.app_id, ch.name), None)
+        self.entries.pop((ch.app_id, ch.name), None)
         return True
 
     def of_app(self, app_id: str) -> list[Channel]:
-        return [ch for (a, _), ch in self._channels.items() if a == app_id]
+        return [ch for (a, _), ch in self.entries.items() if a == app_id]
 
     def __len__(self) -> int:
-        return len(self._channels)
+        return len(self.entries)

@@ -349,7 +349,7 @@ class Cluster:
         try:
             await self.redis.zadd(f"{self.p}:nodes", {self.id: time.time()})
             pipe = self.redis.pipeline(transaction=False)
-            for ch in list(self.node.channels._channels.values()):
+            for ch in list(self.node.channels.entries.values()):
                 self._dirty_subs.add((ch.app_id, ch.name))
                 if ch.roster:
                     for uid, (_, info) in ch.roster.items():

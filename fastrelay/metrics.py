@@ -348,7 +348,7 @@ class _NodeCollector:
         members = GaugeMetricFamily("fastrelay_presence_members",
                                     "Distinct users in presence channels by app", labels=["app"])
         per: dict[str, list[int]] = {app.id: [0, 0, 0] for app in node.apps.all()}
-        for (app_id, _), ch in node.channels._channels.items():
+        for (app_id, _), ch in node.channels.entries.items():
             row = per.setdefault(app_id, [0, 0, 0])
             row[0] += 1
             row[1] += len(ch.members)
