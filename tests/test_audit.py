@@ -451,7 +451,7 @@ def test_sqlite_pack_groups_rows_and_refuses_invalid_ones() -> None:
         ["app", "018e00000000", "018e00000007", 7, ["a", "b", "z"]],
         ["app", "018e0001a", "018e0001a", 1, ["a", "b"]],
         ["other", "018e0000x", "018e0000x", 1, ["a", "b"]]]
-    assert heads[0][3:5] == [1.5, 8.5]
+    assert heads[0][3:5] == [1.5, 8.5] and [h[7] for h in heads] == [["n"]] * 3
     assert [r[0] for r in batches[0]] == [f"018e0000{i:04d}" for i in (0, 1, 2, 3, 4, 6, 7)]
     assert batches[0][0] == _row(0) and batches[2] == [_row(1, app_id="other", id="018e0000x")]
     many = pack([_row(i) for i in range(BATCH_ROWS + 1)])
@@ -481,7 +481,7 @@ def test_sqlite_writer_commits_whole_requests_and_sorts_errors(tmp_path: Path) -
     with sqlite3.connect(path) as db:
         db.executescript(_SCHEMA)
     w = Writer(str(path))
-    w.write(pack([_row(1), _row(2, socket_id="1.2", user_id="u")]))
+    w.write(pack([_row(1), _row(2, socket_id="1.2", user_id="u", name="m")]))
     good = pack([_row(5)])
     n = int.from_bytes(good[:4], "little")
     w.write(pack([]))  # nothing to write: a valid request all the same
@@ -500,14 +500,18 @@ def test_sqlite_writer_commits_whole_requests_and_sorts_errors(tmp_path: Path) -
     w.close()
     with sqlite3.connect(path) as db:
         batches = db.execute("SELECT app_id, first_id, last_id, first_at, last_at, count, "
-                             "channels, rows FROM audit_batches ORDER BY seq").fetchall()
+                             "channels, names, rows FROM audit_batches ORDER BY seq").fetchall()
         chans = db.execute("SELECT * FROM audit_batch_channels ORDER BY 2, 4").fetchall()
-    assert [b[:7] for b in batches] == [
-        ("app", "018e00000001", "018e00000002", 2.5, 3.5, 2, '["a","b"]'),
-        ("app", "018e00000005", "018e00000005", 6.5, 6.5, 1, '["a","b"]')]
-    assert orjson.loads(batches[0][7]) == [_row(1), _row(2, socket_id="1.2", user_id="u")]
+        names = db.execute("SELECT * FROM audit_batch_names ORDER BY 2, 4").fetchall()
+    assert [b[:8] for b in batches] == [
+        ("app", "018e00000001", "018e00000002", 2.5, 3.5, 2, '["a","b"]', '["m","n"]'),
+        ("app", "018e00000005", "018e00000005", 6.5, 6.5, 1, '["a","b"]', '["n"]')]
+    assert orjson.loads(batches[0][8]) == [_row(1),
+                                           _row(2, socket_id="1.2", user_id="u", name="m")]
     assert chans == [("app", ch, last, seq) for ch in "ab"
                      for last, seq in (("018e00000002", 1), ("018e00000005", 2))]
+    assert names == [("app", "m", "018e00000002", 1), ("app", "n", "018e00000002", 1),
+                     ("app", "n", "018e00000005", 2)]
 
 
 # schema version 2 (one row per event), as files made before batches hold it
@@ -554,6 +558,9 @@ async def test_sqlite_version_2_file_migrates_to_batches(make_log: MakeLog,
     assert got == {"id": events[7].id, "app_id": "app", "channels": ["a", "b"], "name": "n1",
                    "data": '{"i":7}', "socket_id": "1.2", "source": "api",
                    "accepted_at": events[7].accepted_at, "user_id": "u7", "replay_of": None}
+    n0 = await log.query("app", event="n0", limit=1000)
+    assert [r["id"] for r in n0] == sorted((e.id for e in app_events if e.name == "n0"),
+                                           reverse=True)
     b = await log.query("app", channel="b", limit=1000)
     assert [r["id"] for r in b] == sorted((e.id for e in app_events if "b" in e.channels),
                                           reverse=True)[:1000]

@@ -3,14 +3,15 @@
 child's request, and the child's `Writer` commits it through the SQLite C API.
 
 The database keeps each batch of rows whole: one row of audit_batches per app and id prefix
-(its rows as one JSON array) and one audit_batch_channels entry per channel the batch names.
+(its rows as one JSON array), one audit_batch_channels entry per channel the batch names and
+one audit_batch_names entry per event name.
 A row per event cost the child ~4-10 us of CPU per event in SQLite's B-trees (the table, its
 id and app indexes, the channel table), on the other core, where it also slowed the worker;
 a batch costs that once per ~1,000 events. Queries decode the few batches their bounds select
 (sqlite.py).
 
 Request layout: [u32 LE length of the head][head: JSON array, one item per batch:
-  [app_id, first_id, last_id, first_at, last_at, count, channels, nbytes]]
+  [app_id, first_id, last_id, first_at, last_at, count, channels, names, nbytes]]
   [each batch's rows, nbytes each, back to back, in the head's order]
 """
 
@@ -164,19 +165,21 @@ def pack(rows) -> bytes:
         run = rs[i:j]
         blob = _dumps(run)
         chans = set()
+        names = set()
         last_chans = None
         lo = hi = PyFloat_AsDouble(first[7])
         for r in run:
             if r[2] != last_chans:  # consecutive rows mostly name the same channels
                 last_chans = r[2]
                 chans.update(last_chans)
+            names.add(r[3])
             t = PyFloat_AsDouble(r[7])
             if t < lo:
                 lo = t
             elif t > hi:
                 hi = t
         heads.append((first[1], first[0], (<tuple>rs[j - 1])[0], lo, hi, j - i, sorted(chans),
-                      len(blob)))
+                      sorted(names), len(blob)))
         blobs.append(blob)
         i = j
     head = _dumps(heads)
@@ -187,8 +190,9 @@ def pack(rows) -> bytes:
 
 cdef const char* INSERT_BATCH = (
     b"INSERT INTO audit_batches (app_id, first_id, last_id, first_at, last_at, count, channels,"
-    b" rows) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+    b" names, rows) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 cdef const char* INSERT_CHANNEL = b"INSERT INTO audit_batch_channels VALUES (?, ?, ?, ?)"
+cdef const char* INSERT_NAME = b"INSERT INTO audit_batch_names VALUES (?, ?, ?, ?)"
 
 
 cdef int _bind_str(sqlite3_stmt* st, int i, object v) except -1:
@@ -212,6 +216,7 @@ cdef class Writer:
     cdef sqlite3* db
     cdef sqlite3_stmt* ins_batch
     cdef sqlite3_stmt* ins_channel
+    cdef sqlite3_stmt* ins_name
 
     def __cinit__(self, str path, tuple pragmas=()):
         """pragmas: sqlite_writer.PRAGMAS, the settings of every audit connection."""
@@ -228,7 +233,8 @@ cdef class Writer:
     def close(self):
         sqlite3_finalize(self.ins_batch)  # NULL is a no-op
         sqlite3_finalize(self.ins_channel)
-        self.ins_batch = self.ins_channel = NULL
+        sqlite3_finalize(self.ins_name)
+        self.ins_batch = self.ins_channel = self.ins_name = NULL
         if self.db != NULL:
             sqlite3_close_v2(self.db)
             self.db = NULL
@@ -260,9 +266,11 @@ cdef class Writer:
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(request)
         if self.db == NULL:
             raise Transient("the writer is closed")
-        if self.ins_channel == NULL:  # on first use: the worker creates the tables first
+        if self.ins_name == NULL:  # on first use: the worker creates the tables first
             if (sqlite3_prepare_v2(self.db, INSERT_BATCH, -1, &self.ins_batch, NULL) != SQLITE_OK
                     or sqlite3_prepare_v2(self.db, INSERT_CHANNEL, -1, &self.ins_channel, NULL)
+                    != SQLITE_OK
+                    or sqlite3_prepare_v2(self.db, INSERT_NAME, -1, &self.ins_name, NULL)
                     != SQLITE_OK):
                 self._raise()
         if n < 4:
@@ -283,22 +291,39 @@ cdef class Writer:
             sqlite3_exec(self.db, b"ROLLBACK", NULL, NULL, NULL)
             raise
 
+    cdef int _index(self, sqlite3_stmt* st, object app, object last_id, sqlite3_int64 seq,
+                    list keys) except -1:
+        """The batch's entries in an index table (channels or names): (app, key, last_id, seq)."""
+        # reset keeps bindings: the app, the last id and the seq stay bound for every key
+        _bind_str(st, 1, app)
+        _bind_str(st, 3, last_id)
+        sqlite3_bind_int64(st, 4, seq)
+        for key in keys:
+            _bind_str(st, 2, key)
+            self._step(st)
+        return 0
+
     cdef int _insert(self, list heads, const unsigned char* p, Py_ssize_t off,
                      Py_ssize_t n) except -1:
         cdef sqlite3_stmt* b = self.ins_batch
         cdef sqlite3_stmt* ch = self.ins_channel
+        cdef sqlite3_stmt* nm = self.ins_name
         cdef Py_ssize_t size
-        cdef bytes channels
+        cdef sqlite3_int64 seq
+        cdef bytes channels, names_json
         for h in heads:
-            if type(h) is not list or len(<list>h) != 8:
-                raise Poison("a batch's head has 8 fields")
-            app, first_id, last_id, first_at, last_at, count, chans, nbytes = <list>h
-            if type(nbytes) is not int or type(count) is not int or type(chans) is not list:
-                raise Poison("a batch's head: count and nbytes are integers, channels a list")
+            if type(h) is not list or len(<list>h) != 9:
+                raise Poison("a batch's head has 9 fields")
+            app, first_id, last_id, first_at, last_at, count, chans, names, nbytes = <list>h
+            if (type(nbytes) is not int or type(count) is not int or type(chans) is not list
+                    or type(names) is not list):
+                raise Poison("a batch's head: count and nbytes are integers, channels and "
+                             "names lists")
             size = nbytes
             if size <= 0 or off + size > n:
                 raise Poison("a batch's rows run past the request")
             channels = _dumps(chans)
+            names_json = _dumps(names)
             _bind_str(b, 1, app)
             _bind_str(b, 2, first_id)
             _bind_str(b, 3, last_id)
@@ -307,15 +332,13 @@ cdef class Writer:
             sqlite3_bind_int64(b, 6, <sqlite3_int64>count)
             sqlite3_bind_text(b, 7, PyBytes_AS_STRING(channels), <int>PyBytes_GET_SIZE(channels),
                               SQLITE_STATIC)
-            sqlite3_bind_blob(b, 8, p + off, <int>size, SQLITE_STATIC)
+            sqlite3_bind_text(b, 8, PyBytes_AS_STRING(names_json),
+                              <int>PyBytes_GET_SIZE(names_json), SQLITE_STATIC)
+            sqlite3_bind_blob(b, 9, p + off, <int>size, SQLITE_STATIC)
             self._step(b)
-            # reset keeps bindings: the app and the last id stay bound for every channel
-            _bind_str(ch, 1, app)
-            _bind_str(ch, 3, last_id)
-            sqlite3_bind_int64(ch, 4, sqlite3_last_insert_rowid(self.db))
-            for name in <list>chans:
-                _bind_str(ch, 2, name)
-                self._step(ch)
+            seq = sqlite3_last_insert_rowid(self.db)
+            self._index(ch, app, last_id, seq, <list>chans)
+            self._index(nm, app, last_id, seq, <list>names)
             off += size
         if off != n:
             raise Poison("bytes after the last batch")

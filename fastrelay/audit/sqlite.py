@@ -2,9 +2,10 @@
 
 Events are stored in batches (audit/_sqlite.pyx): a row of audit_batches holds up to 1,000
 rows of one app whose ids share their first 8 characters, as one JSON array, with the bounds
-queries select by (ids, accepted_at); audit_batch_channels indexes each batch under every
-channel it names, newest first. The batches are committed by a child process
-(`sqlite_writer.py`), so no thread of the worker runs the writes beside its event loop.
+queries select by (ids, accepted_at); audit_batch_channels and audit_batch_names index each
+batch under every channel and event name its rows hold, newest first. The batches are
+committed by a child process (`sqlite_writer.py`), so no thread of the worker runs the writes
+beside its event loop.
 Schema setup and retention use a connection on a thread (rare, off the hot path); queries use
 another, which WAL mode lets run alongside writes.
 
@@ -46,7 +47,8 @@ CREATE TABLE IF NOT EXISTS audit_batches (
     first_at REAL NOT NULL,  -- the rows' least and greatest accepted_at
     last_at REAL NOT NULL,
     count INTEGER NOT NULL,
-    channels TEXT NOT NULL,  -- JSON array: the channels its rows name
+    channels TEXT NOT NULL,  -- JSON arrays: the channels and event names of its rows
+    names TEXT NOT NULL,
     rows BLOB NOT NULL  -- JSON array of rows, base.COLUMNS
 );
 CREATE INDEX IF NOT EXISTS audit_batches_app ON audit_batches (app_id, last_id, first_id);
@@ -57,13 +59,22 @@ CREATE TABLE IF NOT EXISTS audit_batch_channels (
     seq INTEGER NOT NULL,
     PRIMARY KEY (app_id, channel, last_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_batch_names (
+    app_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    last_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (app_id, name, last_id, seq)
+) WITHOUT ROWID;
 """
 # Versions 1 and 2 stored a row per event (audit_events, audit_event_channels). Their rows
 # move into batches in one transaction, grouped as the writer groups them (accepted_at is
 # printed with 17 digits: JSON's default 15 would round it).
 _MIGRATE_ROWS = f"""
-INSERT INTO audit_batches (app_id, first_id, last_id, first_at, last_at, count, channels, rows)
+INSERT INTO audit_batches (app_id, first_id, last_id, first_at, last_at, count, channels, names,
+                           rows)
 SELECT app_id, min(id), max(id), min(accepted_at), max(accepted_at), count(*), '[]',
+       json_group_array(DISTINCT name),
        json_group_array(json_array(id, app_id, json(channels), name, data, socket_id, source,
                                    json(printf('%!.17g', accepted_at)), user_id, replay_of))
 FROM (SELECT *, (row_number() OVER (PARTITION BY app_id, substr(id, 1, {PREFIX}) ORDER BY id)
@@ -75,6 +86,8 @@ UPDATE audit_batches SET channels = (
     FROM json_each(audit_batches.rows) r, json_each(r.value, '$[2]') c);
 INSERT INTO audit_batch_channels
 SELECT b.app_id, c.value, b.last_id, b.seq FROM audit_batches b, json_each(b.channels) c;
+INSERT INTO audit_batch_names
+SELECT b.app_id, n.value, b.last_id, b.seq FROM audit_batches b, json_each(b.names) n;
 DROP TABLE audit_event_channels;
 DROP TABLE audit_events;
 """
@@ -169,12 +182,15 @@ class SqliteAuditLog(AuditLog):
                     since: float | None = None, until: float | None = None, limit: int = 100,
                     before: str | None = None) -> list[dict[str, Any]]:
         limit = max(1, min(limit, MAX_QUERY_LIMIT))
-        # the batches that can hold a match, newest last id first; the rows decide
+        # the batches that can hold a match, newest last id first, through the index that
+        # narrows them (a channel's, or an event name's); the rows decide
         args: list[Any]
-        if channel is not None:
-            sql = ("SELECT b.last_id, b.rows FROM audit_batch_channels c "
-                   "JOIN audit_batches b ON b.seq = c.seq WHERE c.app_id = ? AND c.channel = ?")
-            args = [app_id, channel]
+        if channel is not None or event is not None:
+            table, column = (("audit_batch_channels", "channel") if channel is not None
+                             else ("audit_batch_names", "name"))
+            sql = (f"SELECT b.last_id, b.rows FROM {table} c JOIN audit_batches b "
+                   f"ON b.seq = c.seq WHERE c.app_id = ? AND c.{column} = ?")
+            args = [app_id, channel if channel is not None else event]
             last = "c.last_id"
         else:
             sql = "SELECT b.last_id, b.rows FROM audit_batches b WHERE b.app_id = ?"
@@ -252,25 +268,26 @@ class SqliteAuditLog(AuditLog):
             # wrote late, which go once their neighbours are old), with no index on time: a
             # pass costs what it deletes, plus one chunk.
             batches = conn.execute(
-                "SELECT seq, app_id, last_id, channels, last_at, count FROM audit_batches "
-                "WHERE seq > ? ORDER BY seq LIMIT ?", (after, _RETENTION_CHUNK)).fetchall()
-            old = [b for b in batches if b[4] < cutoff]
+                "SELECT seq, app_id, last_id, channels, names, last_at, count FROM audit_batches"
+                " WHERE seq > ? ORDER BY seq LIMIT ?", (after, _RETENTION_CHUNK)).fetchall()
+            old = [b for b in batches if b[5] < cutoff]
             if not old:
                 return 0, after
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(
-                    "DELETE FROM audit_batch_channels "
-                    "WHERE app_id = ? AND channel = ? AND last_id = ? AND seq = ?",
-                    [(app, ch, last, seq) for seq, app, last, chs, _, _ in old
-                     for ch in orjson.loads(chs)])
+                for table, column, i in (("audit_batch_channels", "channel", 3),
+                                         ("audit_batch_names", "name", 4)):
+                    conn.executemany(
+                        f"DELETE FROM {table} "
+                        f"WHERE app_id = ? AND {column} = ? AND last_id = ? AND seq = ?",
+                        [(b[1], key, b[2], b[0]) for b in old for key in orjson.loads(b[i])])
                 conn.executemany("DELETE FROM audit_batches WHERE seq = ?",
                                  [(b[0],) for b in old])
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
-            return sum(b[5] for b in old), batches[-1][0]
+            return sum(b[6] for b in old), batches[-1][0]
 
         total, after = 0, 0
         while True:
