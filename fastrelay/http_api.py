@@ -198,8 +198,7 @@ class HttpApi:
         for."""
         asked = compiled_trigger(self.node, conn, req, app_id)
         if asked is not None:
-            event, attrs = asked
-            app = self._app(app_id)
+            app, event, attrs = asked
             answer_later(self.node, conn, req, self._trigger_info(conn, req, app, event, attrs))
 
     async def _trigger_info(self, conn: Conn, req: Request, app: App, event: Event,

@@ -22,6 +22,7 @@ import heapq
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -235,17 +236,9 @@ class SqliteAuditLog(AuditLog):
         return [_as_dict(r) for r in rows]
 
     async def get(self, app_id: str, event_id: str) -> dict[str, Any] | None:
-        # the batch holding it ends at or above it, within its prefix (DEL is above any id
-        # character)
         def run(conn: sqlite3.Connection) -> list[Any] | None:
-            for (blob,) in conn.execute(
-                    "SELECT rows FROM audit_batches WHERE app_id = ? AND last_id >= ? "
-                    "AND last_id < ? AND first_id <= ?",
-                    (app_id, event_id, event_id[:PREFIX] + "\x7f", event_id)):
-                for r in orjson.loads(blob):
-                    if r[0] == event_id:
-                        return r
-            return None
+            return next((r for r in _rows_between(conn, app_id, event_id, event_id)
+                         if r[0] == event_id), None)
 
         await self._open()
         conn = self._rconn
@@ -359,14 +352,19 @@ def _unstored(conn: sqlite3.Connection, rows: list[Row]) -> list[Row]:
         key = _key(r)
         if key is not None:
             by_app.setdefault(key[0], []).append(key[1])
-    stored: set[tuple[str, str]] = set()
-    for app, ids in by_app.items():
-        lo, hi = min(ids), max(ids)
-        for (blob,) in conn.execute(
-                "SELECT rows FROM audit_batches WHERE app_id = ? AND last_id >= ? "
-                "AND last_id < ? AND first_id <= ?", (app, lo, hi[:PREFIX] + "\x7f", hi)):
-            stored.update((app, r[0]) for r in orjson.loads(blob))
+    stored = {(app, r[0]) for app, ids in by_app.items()
+              for r in _rows_between(conn, app, min(ids), max(ids))}
     return [r for r in rows if _key(r) not in stored]
+
+
+def _rows_between(conn: sqlite3.Connection, app_id: str, lo: str, hi: str) -> Iterator[list[Any]]:
+    """The rows of every stored batch that can hold an id from lo to hi: a batch's ids share
+    their prefix, so it ends at or above lo and within hi's prefix (DEL is above any id
+    character), and starts at or below hi."""
+    for (blob,) in conn.execute(
+            "SELECT rows FROM audit_batches WHERE app_id = ? AND last_id >= ? "
+            "AND last_id < ? AND first_id <= ?", (app_id, lo, hi[:PREFIX] + "\x7f", hi)):
+        yield from orjson.loads(blob)
 
 
 def _key(r: Any) -> tuple[str, str] | None:
