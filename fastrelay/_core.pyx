@@ -29,6 +29,10 @@ import orjson
 
 from fastrelay.errors import HttpError
 
+cdef object _dumps = orjson.dumps
+cdef object _loads = orjson.loads
+cdef object _JSONDecodeError = orjson.JSONDecodeError
+
 cdef extern from "sys/socket.h" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
     int MSG_NOSIGNAL
@@ -77,14 +81,16 @@ cdef Py_ssize_t MAX_FRAME = 262144        # one WebSocket message (after reassem
 cdef Py_ssize_t MAX_OUTBOUND = 1048576    # unsent bytes per socket before it is cut off
 
 cdef object _handler = None               # the worker's Node: on_request/on_message/on_close
+cdef object _on_request = None            # _handler.on_request, looked up once
 cdef object _call_soon = None
 
 
 def configure(handler, loop, *, max_header=16384, max_body=1048576, max_frame=262144,
               max_outbound=1048576):
     """Binds the core to this worker's Node and event loop and sets its size limits."""
-    global _handler, _call_soon, MAX_HEADER, MAX_BODY, MAX_FRAME, MAX_OUTBOUND
+    global _handler, _on_request, _call_soon, MAX_HEADER, MAX_BODY, MAX_FRAME, MAX_OUTBOUND
     _handler = handler
+    _on_request = handler.on_request
     _call_soon = loop.call_soon
     MAX_HEADER = max_header
     MAX_BODY = max_body
@@ -610,7 +616,7 @@ cdef class Conn:
             self.req_started = False
             if PyByteArray_GET_SIZE(buf) == 0:
                 self.inbuf = None
-            _handler.on_request(self, req)
+            _on_request(self, req)
         return 0
 
     cdef bint _http_whole(self, bytes data) except -1:
@@ -626,7 +632,7 @@ cdef class Conn:
         req.body = PyBytes_FromStringAndSize(p + hlen, clen) if clen else b""
         self.since = self.last_seen
         self.req_started = False
-        _handler.on_request(self, req)
+        _on_request(self, req)
         return True
 
     cdef int _http_error(self, int status, str message) except -1:
@@ -1461,7 +1467,7 @@ cpdef str event_data(Py_ssize_t max_payload, object raw):
             size = len((<str>raw).encode())
         data = <str>raw
     else:
-        encoded = orjson.dumps(raw)
+        encoded = _dumps(raw)
         size, data = len(encoded), encoded.decode()
     if size > max_payload:
         raise HttpError(413, f"data is larger than {max_payload} bytes")
@@ -1471,8 +1477,8 @@ cpdef str event_data(Py_ssize_t max_payload, object raw):
 cpdef dict json_body(bytes body):
     """A request's JSON object body, or a 400 that says what is wrong with it."""
     try:
-        item = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        item = _loads(body)
+    except _JSONDecodeError:
         raise HttpError(400, "the body is not valid JSON") from None
     if not isinstance(item, dict):
         raise HttpError(400, "the body must be a JSON object")
@@ -1493,7 +1499,48 @@ cpdef int api_checks(app, Request req, bint draining) except -1:
     return 0
 
 
-def trigger(node, Conn conn, Request req, str app_id):
+cdef str EVENTS_ROUTE = "pusher:events"  # the hot route's label in the metrics
+
+
+cdef str _events_app_id(Request req):
+    """The {id} of POST /apps/{id}/events (the hot route), or None for any other request."""
+    cdef str path = req.path
+    cdef Py_ssize_t n = len(path), slash
+    if req.method != "POST" or n < 13 or not path.startswith("/apps/") or not path.endswith("/events"):
+        return None
+    slash = path.find("/", 6)
+    return path[6:n - 7] if slash == n - 7 else None
+
+
+def on_request(node, Conn conn, Request req):
+    """Node.on_request, every HTTP request's entry. The hot route, POST /apps/{id}/events,
+    runs compiled from here to its metrics count; other routes, and the hot route's rare
+    endings (channel counts asked for, an error), go to HttpApi. Through Python (on_request,
+    HttpApi.handle, HttpApi.trigger, Ops.count_http) it ran four frames per event."""
+    app_id = _events_app_id(req)
+    http = node.http
+    if app_id is None:
+        http.handle(conn, req)
+        return
+    try:
+        asked = trigger(node, conn, req, app_id)
+    except Exception as exc:
+        http.finish(conn, req, EVENTS_ROUTE, exc)
+        return
+    if asked is not None:
+        http.answer_counts(conn, req, asked)
+    elif node.ops is not None:
+        count_http(node.ops, EVENTS_ROUTE, conn.status)
+
+
+cpdef count_http(ops, str route, int status):
+    """Ops.count_http: one more answer with this status on this route."""
+    counts = ops.http
+    key = (route, status)
+    counts[key] = counts.get(key, 0) + 1
+
+
+cpdef trigger(node, Conn conn, Request req, str app_id):
     """POST /apps/{id}/events, the HTTP API's hot path, compiled whole: the app, api_checks,
     the event's fields, admission (rate limit 429, then audit and bus, or 503) and the
     answer, which leaves before the fan-out. Returns None once answered, or (app, event,
@@ -1506,7 +1553,7 @@ def trigger(node, Conn conn, Request req, str app_id):
     api_checks(app, req, node.draining)
     event, attrs = api_event(app, json_body(req.body), False)
     intake = node.intake
-    intake.gate(app, 1)
+    gate(intake, app, 1)
     admit(intake, [event])
     if attrs:
         return app, event, attrs
@@ -1514,7 +1561,16 @@ def trigger(node, Conn conn, Request req, str app_id):
     return None
 
 
-def admit(intake, list events, replay_of=None):
+cpdef int gate(intake, app, Py_ssize_t cost) except -1:
+    """Intake.gate, the per-app rate limit (HttpError 429 with the headers clients back off
+    by) that every API event passes: an unlimited app, the default, costs one attribute read
+    here; a limited one goes on to Intake.limit."""
+    if app.rate_limit > 0:
+        intake.limit(app, cost)
+    return 0
+
+
+cpdef admit(intake, list events, replay_of=None):
     """Intake.admit, the last step of every API: the events accepted (Node.accept: audit,
     then bus), or HttpError 503 when the audit cannot take them; then the observers (Redis,
     the console's feed) are told."""
@@ -1524,7 +1580,7 @@ def admit(intake, list events, replay_of=None):
         intake.accepted(events)
 
 
-def accept(node, list events, replay_of=None):
+cpdef accept(node, list events, replay_of=None):
     """Node.accept, the pipeline after intake: audit, then the bus. False when the audit
     cannot take them (the caller answers 503: an event is accepted only once it is queued for
     the audit). `replay_of`: the original id, when these re-send an audited event."""
@@ -1553,7 +1609,7 @@ cdef inline double _wall() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-def deliver(node, Event event):
+cpdef deliver(node, Event event):
     """Node.deliver, fan-out on this worker, compiled (it runs for every event on every
     worker): one frame per channel, the same bytes to every subscriber; returns how many were
     sent. An event nobody here listens to (and no cache keeps) costs a lookup per channel."""
@@ -1577,7 +1633,7 @@ def deliver(node, Event event):
         msg = {"event": event.name, "channel": name, "data": event.data}
         if event.user_id is not None:
             msg["user_id"] = event.user_id
-        frame = encode_frame(orjson.dumps(msg))
+        frame = encode_frame(_dumps(msg))
         if kind & CACHE:
             node.caches[(event.app_id, name)] = (frame, _now() + cfg.cache_ttl, event)
         if found is not None:
@@ -1594,7 +1650,7 @@ def deliver(node, Event event):
     return sent
 
 
-def api_event(app, dict item, bint batch):
+cpdef api_event(app, dict item, bint batch):
     """A Pusher HTTP API event checked field by field (a trigger's body, or one item of a
     batch, which names one `channel`): (Event, its `info` attributes), or HttpError 400/413
     saying what is wrong."""

@@ -9,7 +9,6 @@ import orjson
 
 from . import channels as kinds
 from ._core import Conn, Request, api_checks, api_event, json_body, parse_query, unquote
-from ._core import trigger as compiled_trigger
 from .apps import App
 from .errors import HttpError
 from .events import Event
@@ -49,7 +48,7 @@ class HttpApi:
         self.node = node
         self.later: dict[Conn, str] = {}  # the route of each answer a task will send
         # (method, route) -> handler; the route is the path after /apps/{id}/ (POST events,
-        # the hot one, is routed first, in handle)
+        # the hot one, never comes here: _core.on_request runs it)
         self.routes = {
             ("POST", "batch_events"): self.batch,
             ("GET", "channels"): self.channels,
@@ -59,23 +58,20 @@ class HttpApi:
         }
 
     def handle(self, conn: Conn, req: Request) -> None:
+        """Every route but the hot one, POST /apps/{id}/events, which _core.on_request runs
+        compiled before this."""
         path = req.path
         ops = self.node.ops
         route = "unknown"  # a bounded label for the metrics (never the raw path)
-        failed = False
         try:
             if path.startswith("/app/"):
                 route = "websocket"
                 self.upgrade(conn, req)
             elif path.startswith("/apps/"):
                 parts = path.split("/")
-                if len(parts) == 4 and parts[3] == "events" and req.method == "POST":
-                    route = "pusher:events"  # the hot route: not through api()'s dispatch
-                    self.trigger(conn, req, parts[2])
-                else:
-                    name, arg = self._route(parts[3:])
-                    route = f"pusher:{name}"
-                    self.api(conn, req, parts, name, arg)
+                name, arg = self._route(parts[3:])
+                route = f"pusher:{name}"
+                self.api(conn, req, parts, name, arg)
             elif path.startswith("/users/") and path.endswith("/terminate_connections"):
                 # the Pusher Python SDK (3.3) leaves out /apps/{id}: find the app by auth_key
                 route = "pusher:terminate_connections"
@@ -110,17 +106,25 @@ class HttpApi:
                 self.node.intake.handle(conn, req)
             else:
                 raise HttpError(404, f"no route for {path[:100]}")
-        except HttpError as e:
-            reply(conn, req, e.status, e.payload(), e.headers)
-        except BaseException:
-            failed = True  # on_request answers 500
-            raise
-        finally:
-            if ops is not None:
-                if conn.held:  # a task answers: counted then (answered_later)
-                    self.later[conn] = route
-                else:
-                    ops.count_http(route, 500 if failed else conn.status)
+        except Exception as exc:
+            self.finish(conn, req, route, exc)
+        else:
+            self.finish(conn, req, route)
+
+    def finish(self, conn: Conn, req: Request, route: str, exc: Exception | None = None) -> None:
+        """A request's end: the exception's answer (its HttpError, or 500 for a failure) and
+        the metrics count, now or once the task that answers has (answered_later)."""
+        if isinstance(exc, HttpError):
+            reply(conn, req, exc.status, exc.payload(), exc.headers)
+        elif exc is not None:
+            log.error("HTTP handler failed", exc_info=exc, extra={"path": req.path})
+            conn.respond(500, b'{"error":"internal error"}', keep_alive=False)
+        ops = self.node.ops
+        if ops is not None:
+            if conn.held:
+                self.later[conn] = route
+            else:
+                ops.count_http(route, conn.status)
 
     def answered_later(self, conn: Conn) -> None:
         route = self.later.pop(conn, None)
@@ -192,14 +196,12 @@ class HttpApi:
             out[ch] = info
         return out
 
-    def trigger(self, conn: Conn, req: Request, app_id: str) -> None:
-        """POST /apps/{id}/events. Routed before the other API calls, and compiled whole
-        (_core.trigger); it answers before the fan-out, unless channel counts were asked
-        for."""
-        asked = compiled_trigger(self.node, conn, req, app_id)
-        if asked is not None:
-            app, event, attrs = asked
-            answer_later(self.node, conn, req, self._trigger_info(conn, req, app, event, attrs))
+    def answer_counts(self, conn: Conn, req: Request, asked: tuple[App, Event, list[str]]) -> None:
+        """POST /apps/{id}/events asked for channel counts (_core.trigger returned `asked`):
+        the event is accepted, the answer comes from a task."""
+        app, event, attrs = asked
+        answer_later(self.node, conn, req, self._trigger_info(conn, req, app, event, attrs))
+        self.finish(conn, req, "pusher:events")
 
     async def _trigger_info(self, conn: Conn, req: Request, app: App, event: Event,
                             attrs: list[str]) -> None:

@@ -28,6 +28,7 @@ from ._core import (
     verify_hmac,
 )
 from ._core import admit as _core_admit
+from ._core import gate as _core_gate
 from .apps import App
 from .audit.base import MAX_QUERY_LIMIT
 from .errors import HttpError
@@ -59,10 +60,13 @@ class Intake:
 
     # ------------------------------------------------------------------ shared gate
 
-    def gate(self, app: App, cost: int) -> None:
-        """Rate limit per app; raises 429 with the headers clients back off by."""
-        if app.rate_limit <= 0:
-            return
+    # gate(app, cost): the per-app rate limit, HttpError 429. Compiled: every API event
+    # passes it; an app with a limit goes on to limit().
+    gate = _core_gate
+
+    def limit(self, app: App, cost: int) -> None:
+        """The rate limit of an app that has one; raises 429 with the headers clients back
+        off by."""
         # cluster-wide: each of the live nodes takes its share of the app's rate
         share = self.node.cluster.alive if self.node.cluster is not None else 1
         rate = app.rate_limit / share

@@ -108,9 +108,8 @@ class Ops:
             self._console = Console(self.node, self)
         return self._console
 
-    def count_http(self, route: str, status: int) -> None:
-        key = (route, status)
-        self.http[key] = self.http.get(key, 0) + 1
+    # count_http(route, status): one more answer. Compiled: the hot route counts from C.
+    count_http = _core.count_http
 
     def tap(self, event: Any, sent: int) -> None:
         """The console's live feed: only runs while a console has its channel open."""

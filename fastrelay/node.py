@@ -80,12 +80,9 @@ class Node:
 
     # ------------------------------------------------------------------ core callbacks
 
-    def on_request(self, conn: _core.Conn, req: _core.Request) -> None:
-        try:
-            self.http.handle(conn, req)
-        except Exception:
-            log.exception("HTTP handler failed", extra={"path": req.path})
-            conn.respond(500, b'{"error":"internal error"}', keep_alive=False)
+    # on_request(conn, req): every HTTP request. Compiled: POST /apps/{id}/events runs there
+    # end to end; the other routes go to HttpApi.handle.
+    on_request = _core.on_request
 
     def on_message(self, conn: _core.Conn, payload: bytes) -> None:
         self.stats.messages_in += 1

@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 from conftest import ROOT, free_port
 from prometheus_client.parser import text_string_to_metric_families
-from wsclient import connect, open_ws
+from wsclient import api, connect, http, open_ws
 
 from fastrelay.signatures import sign_api_request
 
@@ -124,6 +124,31 @@ def test_metrics_count_connections_deliveries_latency_and_requests(fresh_relay: 
     assert m[("fastrelay_rate_limited_total", ())] == 0
     for ws in subs:
         ws.close()
+
+
+def test_every_ending_of_the_trigger_route_is_answered_and_counted_once(fresh_relay: Any) -> None:
+    """POST /apps/{id}/events runs compiled (_core.on_request); its rare endings go back to
+    HttpApi: each is answered as before and counted once, with the status sent."""
+    relay = fresh_relay()
+    ch = f"m-{uuid.uuid4().hex[:8]}"
+    path = f"/apps/{relay.app_id}/events"
+    ok = api(relay, "POST", path, {"name": "e", "channel": ch, "data": "x"})
+    assert (ok.status, ok.json()) == (200, {})
+    later = api(relay, "POST", path, {"name": "e", "channel": ch, "data": "x",
+                                      "info": "subscription_count"})  # answered from a task
+    assert (later.status, later.json()) == (200, {"channels": {ch: {"subscription_count": 0}}})
+    bad_body = api(relay, "POST", path, b"[1]")
+    assert (bad_body.status, "error" in bad_body.json()) == (400, True)
+    unsigned = http(relay, "POST", path, b"{}")
+    assert (unsigned.status, "error" in unsigned.json()) == (401, True)
+    unknown = api(relay, "POST", "/apps/no-such-app/events", {"name": "e", "channel": ch, "data": "x"})
+    assert (unknown.status, unknown.json()) == (404, {"error": "unknown app"})
+    wrong_method = api(relay, "GET", path)
+    assert wrong_method.status == 405
+    m = scrape(relay)
+    for status, n in (("200", 2), ("400", 1), ("401", 1), ("404", 1), ("405", 1)):
+        key = ("fastrelay_http_requests_total", (("route", "pusher:events"), ("status", status)))
+        assert m[key] == n, (status, m.get(key))
 
 
 def test_rate_limit_rejections_are_counted(fresh_relay: Any) -> None:
