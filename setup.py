@@ -1,5 +1,5 @@
-"""Builds the compiled parts (fastrelay/_core.pyx, fastrelay/audit/_sqlite.pyx); everything else
-is in pyproject.toml."""
+"""Builds the compiled parts (fastrelay/_core.pyx, fastrelay/audit/_journal.pyx and
+_sqlite.pyx); everything else is in pyproject.toml."""
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -12,8 +12,9 @@ extensions = [
         extra_compile_args=["-O2", "-Wno-deprecated-declarations"],
         libraries=["crypto"],
     ),
-    # the SQLite audit writer's insert loop on the C API (the writer child's CPU per row)
-    Extension("fastrelay.audit._journal", ["fastrelay/audit/_journal.pyx"]),
+    # the journal's frames (zlib's crc32, as spill.py's frames: one format for both)
+    Extension("fastrelay.audit._journal", ["fastrelay/audit/_journal.pyx"], libraries=["z"]),
+    # the SQLite audit's batches: packed in the worker, inserted by the writer child
     Extension(
         "fastrelay.audit._sqlite",
         ["fastrelay/audit/_sqlite.pyx"],

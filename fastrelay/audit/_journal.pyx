@@ -15,15 +15,16 @@ from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.string cimport memcpy
 
-from fastrelay._core cimport Event
 
-import zlib
+cdef extern from "zlib.h" nogil:
+    unsigned long crc32(unsigned long crc, const unsigned char* buf, unsigned int n)
+
+from fastrelay._core cimport Event
 
 import orjson
 
 from .spill import dumps as _safe_dumps
 
-cdef object _crc32 = zlib.crc32
 cdef object _dumps = orjson.dumps
 cdef object _EncodeError = orjson.JSONEncodeError
 
@@ -50,7 +51,7 @@ cdef class FrameWriter:
         cdef unsigned long crc
         if not self.held or n == 0 or n > 0xFFFFFFFF or self.size + 8 + n > self.view.len:
             return False
-        crc = _crc32(payload)
+        crc = crc32(0, <const unsigned char*>PyBytes_AS_STRING(payload), <unsigned int>n)
         p = <unsigned char*>self.view.buf + self.size
         p[0], p[1], p[2], p[3] = (n >> 24) & 0xFF, (n >> 16) & 0xFF, (n >> 8) & 0xFF, n & 0xFF
         p[4], p[5], p[6], p[7] = (crc >> 24) & 0xFF, (crc >> 16) & 0xFF, (crc >> 8) & 0xFF, crc & 0xFF

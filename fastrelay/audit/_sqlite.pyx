@@ -59,7 +59,9 @@ class Transient(Exception):
 
 
 # rows per stored batch at most: what a query decodes to find one event
-BATCH_ROWS = 1000
+cdef enum:
+    _BATCH_ROWS = 1000
+BATCH_ROWS = _BATCH_ROWS
 # a batch's ids share their first PREFIX characters (ids start with 12 hex digits of ms: 8
 # of them span 65.5 s), so get() looks for an id among the batches whose last id lies
 # between it and the end of its prefix
@@ -146,6 +148,7 @@ def pack(rows) -> bytes:
     cdef list rs = [_checked(row) for row in rows]
     cdef Py_ssize_t n = len(rs), i, j
     cdef tuple r, first
+    cdef str name, last_name
     cdef double t, lo, hi
     # a worker's rows come in id order, one app at a time in the common case; journal
     # replays and several apps interleaved need the sort
@@ -159,7 +162,7 @@ def pack(rows) -> bytes:
     while i < n:
         first = <tuple>rs[i]
         j = i + 1
-        while (j < n and j - i < BATCH_ROWS and (<tuple>rs[j])[1] == first[1]
+        while (j < n and j - i < _BATCH_ROWS and (<tuple>rs[j])[1] == first[1]
                and _same_prefix((<tuple>rs[j])[0], first[0])):
             j += 1
         run = rs[i:j]
@@ -167,12 +170,18 @@ def pack(rows) -> bytes:
         chans = set()
         names = set()
         last_chans = None
+        last_name = None
         lo = hi = PyFloat_AsDouble(first[7])
         for r in run:
-            if r[2] != last_chans:  # consecutive rows mostly name the same channels
+            # consecutive rows mostly name the same channels and event: a compare is
+            # cheaper than hashing each row's new strings into the sets
+            if r[2] != last_chans:
                 last_chans = r[2]
                 chans.update(last_chans)
-            names.add(r[3])
+            name = <str>r[3]
+            if name != last_name:
+                last_name = name
+                names.add(name)
             t = PyFloat_AsDouble(r[7])
             if t < lo:
                 lo = t
