@@ -314,13 +314,10 @@ class AuditLog(ABC):
         self._backoff = min(self._backoff * 2, self.max_retry_interval)
 
     async def _take(self) -> list[Any]:
-        q, n = self._queue, min(len(self._queue), self.batch_rows)
-        items = [q.popleft() for _ in range(n)]
-        rows = [x for x in items if type(x) is tuple]
-        if len(rows) != len(items):
+        rows, bad = self._rec.take(self.batch_rows)
+        if bad:
             # A malformed event must neither block the log nor vanish: keep its repr.
-            bad = [(repr(x.item), repr(x.error)) for x in items if type(x) is _Bad]
-            await self._reject(bad)
+            await self._reject([(repr(x.item), repr(x.error)) for x in bad])
             self._mark_durable(len(bad), journaled=False)
         return rows
 

@@ -45,8 +45,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from ._journal import FrameWriter, JournalBase
-from .spill import loads, read_frame
+from ._journal import FrameWriter, JournalBase, frame_rows
+from .spill import read_frame
 
 log = logging.getLogger("fastrelay.audit")
 
@@ -184,7 +184,7 @@ class Journal(JournalBase):
         off, rows = 0, []
         while (f := read_frame(fd, off, size)) is not None:
             off, payload = f
-            rows.extend(loads(payload))
+            rows.extend(frame_rows(payload))
         if off < size and os.pread(fd, 8, off) != bytes(min(8, size - off)):  # zeros: unused
             log.error("audit journal: %s has %d unreadable bytes at offset %d (torn by a "
                       "crash); %d rows before them are replayed", path, size - off, off,
