@@ -185,7 +185,10 @@ cdef class JournalBase:
     cpdef bint append_row(self, tuple row) except -1:
         """Frames one row: in the binary layout, else (a column the layout has no tag for, a
         string UTF-8 cannot encode) as JSON; False as append's."""
-        cdef Py_ssize_t n = _row_size(row)
+        return self._append_row(row, _row_size(row))
+
+    cdef bint _append_row(self, tuple row, Py_ssize_t n) except -1:
+        """append_row, given the row's _row_size (the Recorder has measured it already)."""
         if n < 0:
             return self.append(_encode((row,)))
         if self._out is None or not self._out.put_row(row, n):
@@ -347,29 +350,6 @@ cdef bytes _encode(obj):
         return _safe_dumps(obj)
 
 
-cdef inline bint _atomic(object v):
-    return v is None or type(v) is str or type(v) is float or type(v) is int
-
-
-cdef void _untrack(tuple row):
-    """Takes a row of strings and numbers out of the cycle collector's sight. It sits in the
-    queue for up to a flush interval, so every young collection traversed it and promoted it
-    towards the old generation, whose full collections then grew with the audit's rate
-    (CPython untracks such tuples itself, but only once a collection has already visited them)."""
-    cdef Py_ssize_t i
-    chans = row[2]
-    if type(chans) is not tuple:
-        return
-    for c in <tuple>chans:
-        if type(c) is not str:
-            return
-    for i in range(len(row)):
-        if i != 2 and not _atomic(row[i]):
-            return
-    PyObject_GC_UnTrack(<void*>chans)
-    PyObject_GC_UnTrack(<void*>row)
-
-
 cdef class Recorder:
     """AuditLog.record's work, in C: the event's row journaled (framed into the live segment)
     and queued for the writer task, or refused. Its queue bound, closing flag, counters and
@@ -398,7 +378,8 @@ cdef class Recorder:
 
     cpdef bint record(self, event, replay_of=None) except -1:
         """True once the row is journaled and queued; False: refuse the event (503)."""
-        cdef Py_ssize_t n = len(self.queue)
+        cdef Py_ssize_t n = len(self.queue), size
+        cdef JournalBase j
         if n >= self.capacity or self.closing:
             self.refused += 1
             return False
@@ -410,13 +391,20 @@ cdef class Recorder:
         except Exception as exc:  # not an Event: the writer keeps it in audit.rejected.jsonl
             row = self.on_bad(event, replay_of, exc)
         else:
+            size = _row_size(<tuple>row)
             j = self.journal
-            if j is not None and not j.append_row(<tuple>row):
+            if j is not None and not j._append_row(<tuple>row, size):
                 self.refused += 1
                 self.journal_errors += 1
                 self.on_journal_failed()
                 return False
-            _untrack(<tuple>row)
+            if size >= 0:
+                # Strings and floats (what the binary layout holds) cannot form a cycle. The
+                # row sits in the queue for up to a flush interval, where every young
+                # collection traversed it and promoted it towards the old generation
+                # (CPython untracks such tuples only once a collection has visited them).
+                PyObject_GC_UnTrack(<void*>(<tuple>row)[2])
+                PyObject_GC_UnTrack(<void*>row)
         self._append(row)
         self.recorded += 1
         w = self.waiter
