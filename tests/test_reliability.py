@@ -658,3 +658,33 @@ def test_journal_refuses_an_empty_payload(tmp_path: Path) -> None:
     j.open()
     assert j.append(b'[["a"]]') and not j.append(b"") and j.appended == 1
     j.close(remove=True)
+
+
+def test_sqlite_writer_child_dies_with_its_worker(tmp_path: Path) -> None:
+    """A writer child outliving its killed worker could commit a batch after the next worker
+    replayed the same rows from the journal (stored twice): it is killed with its parent.
+    Its input stays open here (the test holds the pipe), as it would while the child is busy
+    with a batch: end of input alone would not stop it."""
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, time\n"
+        f"c = subprocess.Popen([sys.executable, '-m', 'fastrelay.audit.sqlite_writer', "
+        f"{str(tmp_path / 'a.sqlite3')!r}, str(os.getpid())])\n"
+        "print(c.pid, flush=True)\n"
+        "time.sleep(60)\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    assert wait_for(lambda: (tmp_path / "a.sqlite3").exists(), 10)  # the writer is up
+    parent.kill()
+    parent.wait()
+
+    def gone() -> bool:
+        try:
+            return Path(f"/proc/{child}/stat").read_text().split(")")[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    try:
+        assert wait_for(gone, 5)
+    finally:
+        assert parent.stdin is not None
+        parent.stdin.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import os
 import sqlite3
 import sys
 import time
@@ -306,6 +307,7 @@ class WriterProcess:
             if proc is None or proc.returncode is not None:
                 proc = self._proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "fastrelay.audit.sqlite_writer", str(self.path),
+                    str(os.getpid()),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
             assert proc.stdin is not None and proc.stdout is not None
             try:

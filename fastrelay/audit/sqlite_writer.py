@@ -11,7 +11,8 @@ Protocol on stdin/stdout, each message a little-endian u32 length and its bytes:
   request: the rows' batches, as _sqlite.pack lays them out
   answer:  b"K" (committed), b"P" + message (rows invalid: the caller isolates them),
            b"T" + message (transient: the caller spills and retries)
-The writer exits at end of input (the worker closed the pipe or died).
+The writer exits at end of input (the worker closed the pipe), and is killed when its
+worker dies (see die_with).
 """
 
 from __future__ import annotations
@@ -71,7 +72,24 @@ def yield_cpu() -> None:
         pass
 
 
-def main(path: str) -> None:
+def die_with(parent: int) -> None:
+    """SIGKILL when the worker dies. A batch in hand when the worker was killed (waiting for
+    SQLite's lock, say) must not be committed later: the next worker replays the dead one's
+    journal, looks up which rows are stored, and writes the rest; a commit landing after
+    that look stored rows twice. Killed, the batch's transaction never commits."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):  # not Linux: end of input still stops us
+        return
+    if os.getppid() != parent:  # it died before the prctl took effect
+        os._exit(0)
+
+
+def main(path: str, parent: int) -> None:
+    die_with(parent)
     # the worker decides when we stop (end of input), not a signal sent to the whole group
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -100,4 +118,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]))
