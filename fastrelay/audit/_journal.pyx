@@ -15,7 +15,7 @@ from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 
 cdef extern from "Python.h":
@@ -155,6 +155,15 @@ cdef class FrameWriter:
         _write_row(p, row)
         self._seal(n)
         return True
+
+    def rewind(self):
+        """Zeroes the frames stored so far and appends from the start again (the caller
+        knows every one of them is durable). Rewriting pages that are already in the page
+        cache and mapped costs no page fault; a fresh segment's first store into each page
+        cost a fault, and deleting it freed them again: ~1 us per frame in all."""
+        if self.held:
+            memset(self.view.buf, 0, self.size)  # forward: a crash midway leaves zeros first
+        self.size = 0
 
     def release(self):
         """Lets go of the mapping (it cannot be closed while a view of it is held)."""
