@@ -108,6 +108,20 @@ cdef object _dumps = orjson.dumps
 cdef object _EncodeError = orjson.JSONEncodeError
 
 
+def zero(mapping, Py_ssize_t n) -> None:
+    """Zeroes a mapping's first n bytes, without the GIL (the audit's I/O thread recycles a
+    closed journal segment with it)."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(mapping, &view, PyBUF_WRITABLE)
+    try:
+        if n < 0 or n > view.len:
+            raise ValueError(f"cannot zero {n} bytes of a {view.len}-byte mapping")
+        with nogil:
+            memset(view.buf, 0, n)  # forward: a crash midway leaves zeros first
+    finally:
+        PyBuffer_Release(&view)
+
+
 cdef class FrameWriter:
     """Appends frames to a writable mapping (a journal segment) until it is full."""
 
@@ -155,15 +169,6 @@ cdef class FrameWriter:
         _write_row(p, row)
         self._seal(n)
         return True
-
-    def rewind(self):
-        """Zeroes the frames stored so far and appends from the start again (the caller
-        knows every one of them is durable). Rewriting pages that are already in the page
-        cache and mapped costs no page fault; a fresh segment's first store into each page
-        cost a fault, and deleting it freed them again: ~1 us per frame in all."""
-        if self.held:
-            memset(self.view.buf, 0, self.size)  # forward: a crash midway leaves zeros first
-        self.size = 0
 
     def release(self):
         """Lets go of the mapping (it cannot be closed while a view of it is held)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ._journal import Recorder
-from .journal import Journal, Segment
+from .journal import Closed, Journal
 from .spill import SpillFile, dumps
 
 log = logging.getLogger("fastrelay.audit")
@@ -341,16 +341,18 @@ class AuditLog(ABC):
                     keep.append((target, fut))
             self._flush_waiters = keep
 
-    def _discard(self, segments: list[Segment]) -> None:
-        """Deletes released journal segments on the I/O thread (in order with its other work):
-        unmapping and freeing a segment on the loop stalled it for milliseconds."""
+    def _discard(self, segments: list[Closed]) -> None:
+        """Recycles released journal segments on the I/O thread (in order with its other
+        work): zeroing, unmapping or freeing a segment on the loop stalled it."""
+        j = self._journal
+        assert j is not None
         try:
             if self._io is not None:
-                self._io.submit(Journal.discard_all, segments)
+                self._io.submit(j.recycle, segments)
                 return
         except RuntimeError:  # the executor is shut down: closing
             pass
-        Journal.discard_all(segments)
+        Journal.discard_all([seg for seg, _used in segments])
 
     async def _run(self) -> None:
         assert self._loop is not None
