@@ -220,23 +220,10 @@ class Node:
                 self.audit.record(event)
         self.bus.publish(event)
 
-    def deliver_soon(self, event: Event) -> None:
-        """Local delivery of an event published on this worker, after the current callback:
-        the HTTP answer (sent at once) leaves before the fan-out, and the events of one loop
-        turn fan out together, so each socket gets them in one send."""
-        local = self._local
-        local.append(event)
-        if len(local) == 1:
-            self.loop.call_soon(self._deliver_local)
-
-    def _deliver_local(self) -> None:
-        events, self._local = self._local, []
-        for ev in events:
-            try:
-                self.deliver(ev)
-            except Exception:
-                log.exception("fan-out failed", extra={"event": ev.id})
-        _core.flush_all()  # now, not one loop turn later
+    # deliver_soon(event): local delivery of an event published on this worker, after the
+    # current callback (the HTTP answer leaves first; one loop turn's events fan out together,
+    # one send per socket). Compiled: the local bus's publish is this, bound.
+    deliver_soon = _core.deliver_soon
 
     # deliver(event) -> int: fan-out on this worker, one frame per channel, the same bytes
     # to every subscriber; how many were sent. Compiled: it runs for every event.

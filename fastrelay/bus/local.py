@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -11,14 +12,15 @@ if TYPE_CHECKING:
 
 class LocalBus:
     def __init__(self) -> None:
-        self._node: Node | None = None
+        self.publish: Callable[[Event], None] = _dropped
 
     async def start(self, node: Node) -> None:
-        self._node = node
-
-    def publish(self, event: Event) -> None:
-        if self._node is not None:
-            self._node.deliver_soon(event)
+        # the compiled Node.deliver_soon, bound: publishing runs no Python frame
+        self.publish = node.deliver_soon
 
     async def close(self) -> None:
-        self._node = None
+        self.publish = _dropped
+
+
+def _dropped(event: Event) -> None:
+    """Publishing before start or after close: nothing is delivered."""
