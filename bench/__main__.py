@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         _conns(p) if name == "connections" else _load(p, name)
     p = sub.add_parser("compare", help="start each target in turn, same scenario, side by side")
     p.add_argument("--targets", default="pyfloor,uwsfloor,soketi",
-                   help=f"comma list of {', '.join(targets.ALL_TARGETS)}")
+                   help=f"comma list of {', '.join(targets.ALL_TARGETS)}; fastrelay@DIR: "
+                   "the checkout in DIR (built in place), to compare versions")
     p.add_argument("--scenario", choices=SCENARIOS, default="fanout")
     p.add_argument("--baseline", default=None, help="ratio denominator (default first target)")
     p.add_argument("--repeat", type=int, default=1, help="runs per target, interleaved")
@@ -163,7 +164,7 @@ async def cmd_single(o: argparse.Namespace) -> int:
 async def cmd_compare(o: argparse.Namespace) -> int:
     names = [t.strip() for t in o.targets.split(",") if t.strip()]
     for n in names:
-        if n not in targets.ALL_TARGETS:
+        if not targets.known(n):
             raise SystemExit(f"bench: unknown target {n!r}")
     baseline = o.baseline or names[0]
     if o.pin:

