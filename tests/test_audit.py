@@ -425,6 +425,24 @@ async def test_sqlite_writer_process_killed_loses_nothing(make_log: MakeLog) -> 
     assert log.stats.write_errors >= 1  # the kill was seen, not dodged
 
 
+@pytest.mark.parametrize("make_log", ["sqlite"], indirect=True)
+async def test_sqlite_batch_is_packed_in_steps_and_committed_whole(
+        make_log: MakeLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker packs a batch PACK_ROWS rows at a time (yielding to its loop between
+    steps) into one request: every row lands once, in batches of at most PACK_ROWS."""
+    monkeypatch.setattr("fastrelay.audit.sqlite.PACK_ROWS", 3)
+    log = make_log(batch_rows=1000)
+    await log.start()
+    events = [ev(i=i) for i in range(10)]
+    assert all(log.record(e) for e in events)
+    await log.flush()
+    assert log.stats.batches == 1  # one request: one transaction
+    assert await count_all(log) == [e.id for e in events]
+    with sqlite3.connect(log.path) as db:  # type: ignore[attr-defined]
+        counts = [c for (c,) in db.execute("SELECT count FROM audit_batches ORDER BY seq")]
+    assert counts == [3, 3, 3, 1]
+
+
 def _row(i: int, **change: Any) -> list[Any]:
     r = {"id": f"018e0000{i:04d}", "app_id": "app", "channels": ["a", "b"], "name": "n",
          "data": "é", "socket_id": None, "source": "api", "accepted_at": 1.5 + i,
@@ -497,6 +515,11 @@ def test_sqlite_writer_commits_whole_requests_and_sorts_errors(tmp_path: Path) -
     with pytest.raises(Poison):
         w.write(len(head).to_bytes(4, "little") + head + two[4 + hlen:])
     w.write(good)  # each refusal rolled back: the writer goes on
+    # packs back to back (the worker packs a big batch in steps) commit together, or not
+    # at all: a malformed second pack rolls back the first
+    with pytest.raises(Poison):
+        w.write(pack([_row(8)]) + len(head).to_bytes(4, "little") + head + two[4 + hlen:])
+    w.write(pack([_row(6)]) + pack([_row(7)]))
     w.close()
     with sqlite3.connect(path) as db:
         batches = db.execute("SELECT app_id, first_id, last_id, first_at, last_at, count, "
@@ -505,13 +528,15 @@ def test_sqlite_writer_commits_whole_requests_and_sorts_errors(tmp_path: Path) -
         names = db.execute("SELECT * FROM audit_batch_names ORDER BY 2, 4").fetchall()
     assert [b[:8] for b in batches] == [
         ("app", "018e00000001", "018e00000002", 2.5, 3.5, 2, '["a","b"]', '["m","n"]'),
-        ("app", "018e00000005", "018e00000005", 6.5, 6.5, 1, '["a","b"]', '["n"]')]
+        ("app", "018e00000005", "018e00000005", 6.5, 6.5, 1, '["a","b"]', '["n"]'),
+        ("app", "018e00000006", "018e00000006", 7.5, 7.5, 1, '["a","b"]', '["n"]'),
+        ("app", "018e00000007", "018e00000007", 8.5, 8.5, 1, '["a","b"]', '["n"]')]
     assert orjson.loads(batches[0][8]) == [_row(1),
                                            _row(2, socket_id="1.2", user_id="u", name="m")]
-    assert chans == [("app", ch, last, seq) for ch in "ab"
-                     for last, seq in (("018e00000002", 1), ("018e00000005", 2))]
-    assert names == [("app", "m", "018e00000002", 1), ("app", "n", "018e00000002", 1),
-                     ("app", "n", "018e00000005", 2)]
+    lasts = (("018e00000002", 1), ("018e00000005", 2), ("018e00000006", 3),
+             ("018e00000007", 4))
+    assert chans == [("app", ch, last, seq) for ch in "ab" for last, seq in lasts]
+    assert names == [("app", "m", "018e00000002", 1)] + [("app", "n", *ls) for ls in lasts]
 
 
 # schema version 2 (one row per event), as files made before batches hold it

@@ -291,6 +291,9 @@ class SqliteAuditLog(AuditLog):
             total += n
 
 
+PACK_ROWS = 250  # rows pack() turns into a request at a time, on the event loop
+
+
 class WriterProcess:
     """The worker's end of its SQLite writer process (sqlite_writer.py), started on first use
     and again after it dies; a failed exchange raises, and the audit spills and retries."""
@@ -301,7 +304,17 @@ class WriterProcess:
         self._lock = asyncio.Lock()
 
     async def write(self, rows: list[Row]) -> None:
-        payload = pack(rows)  # Poison (a ValueError) or TypeError: invalid rows
+        # Packed in steps of PACK_ROWS, yielding to the loop between them: one pack of 1,000
+        # rows held it ~1 ms, which the answers waiting behind it showed on their p99. Poison
+        # (a ValueError) or TypeError, for invalid rows, is raised before anything is sent.
+        if not rows:
+            return
+        parts = []
+        for i in range(0, len(rows), PACK_ROWS):
+            if i:
+                await asyncio.sleep(0)
+            parts.append(pack(rows[i:i + PACK_ROWS]))
+        payload = b"".join(parts)  # one request: one transaction
         async with self._lock:
             proc = self._proc
             if proc is None or proc.returncode is not None:
