@@ -318,7 +318,8 @@ cdef class Writer:
         hlen = q[0] | (q[1] << 8) | (q[2] << 16) | (<Py_ssize_t>q[3] << 24)
         if hlen > n - off - 4:
             raise Poison("the head is longer than the request")
-        heads = _loads(memoryview(request)[off + 4:off + 4 + hlen])  # JSONDecodeError: a ValueError
+        # JSONDecodeError: a ValueError
+        heads = _loads(memoryview(request)[off + 4:off + 4 + hlen])
         if type(heads) is not list:
             raise Poison("the head is a list of batches")
         return self._insert(<list>heads, p, off + 4 + hlen, n)
