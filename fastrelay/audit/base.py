@@ -412,8 +412,9 @@ class AuditLog(ABC):
                 self.stats.journal_replayed_rows += len(rows)
                 self._orphans.pop(0)
                 await self._in_io(Journal.discard, fd, path)
-                log.warning("audit: replayed %d rows from the journal %s of a process that "
-                            "stopped without flushing", len(rows), path.name)
+                if rows:  # a dead process's spare segments hold none
+                    log.warning("audit: replayed %d rows from the journal %s of a process "
+                                "that stopped without flushing", len(rows), path.name)
             except Exception:
                 log.exception("audit: cannot replay journal %s; kept for the next start", path)
                 self._orphans.pop(0)
