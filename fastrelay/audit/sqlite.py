@@ -309,12 +309,13 @@ class WriterProcess:
         # (a ValueError) or TypeError, for invalid rows, is raised before anything is sent.
         if not rows:
             return
-        parts = []
+        parts = [b""]  # the request's length goes first
         for i in range(0, len(rows), PACK_ROWS):
             if i:
                 await asyncio.sleep(0)
             parts.append(pack(rows[i:i + PACK_ROWS]))
-        payload = b"".join(parts)  # one request: one transaction
+        parts[0] = FRAME.pack(sum(map(len, parts)))
+        message = b"".join(parts)  # one request (one transaction), copied once
         async with self._lock:
             proc = self._proc
             if proc is None or proc.returncode is not None:
@@ -324,7 +325,7 @@ class WriterProcess:
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
             assert proc.stdin is not None and proc.stdout is not None
             try:
-                proc.stdin.write(FRAME.pack(len(payload)) + payload)
+                proc.stdin.write(message)
                 n = FRAME.unpack(await proc.stdout.readexactly(FRAME.size))[0]
                 answer = await proc.stdout.readexactly(n)
             except BaseException as exc:
